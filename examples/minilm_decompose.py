@@ -61,8 +61,9 @@ def main() -> None:
 
     ffn = layers["encoder.layer.0.intermediate.dense.weight"]
     train = lowrank.decompose(ffn, "tt_matrix", (16, 96), (16, 24), rank=64)
+    error = train.relative_error(ffn.reshape(train.shape))
     print(f"\nTT-matrix of layer.0 FFN {tuple(ffn.shape)} at rank 64: {train.num_params:,} parameters "
-          f"({train.num_params / ffn.numel():.1%}), relative error {train.relative_error(ffn.reshape(train.shape)):.4f}")
+          f"({train.num_params / ffn.numel():.1%}), relative error {error:.4f}")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     dec = commands.add_parser("decompose", help="decompose a tensor stored in a .npy or .safetensors file")
     dec.add_argument("file", type=Path)
     dec.add_argument("--key", help="tensor name inside a .safetensors file")
-    dec.add_argument("--method", required=True, choices=sorted(m for m in lowrank.decompose.METHODS if m != "tt_matrix"))
+    methods = sorted(m for m in lowrank.decompose.METHODS if m != "tt_matrix")
+    dec.add_argument("--method", required=True, choices=methods)
     dec.add_argument("--rank", help="an int, or comma-separated ints (one per mode or bond)")
     dec.add_argument("--tol", type=float, help="relative error target in (0, 1)")
     return parser

@@ -57,6 +57,7 @@ def decompose(x: Any, method: str, *args: Any, **options: Any) -> Factorization:
     >>> f = lowrank.decompose(torch.randn(20, 20, 20), "tucker", rank=(4, 5, 6))
     >>> f.ranks
     (4, 5, 6)
+
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")

@@ -34,6 +34,7 @@ def as_float_tensor(x: Any, name: str = "x") -> torch.Tensor:
     torch.Tensor
         The input, on its own device and in its own dtype. Finiteness is
         checked by :func:`finite_sq_norm`, which every decomposition calls once.
+
     """
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
@@ -73,12 +74,14 @@ def checked_input(x: Any, name: str = "x") -> tuple[torch.Tensor, torch.Tensor, 
     x : torch.Tensor
         The input as a tensor, in its own dtype (the dtype the factors are returned in).
     work : torch.Tensor
-        The input in the dtype the algorithms compute in (float32 for half types).
+        The input in the dtype the algorithms compute in (float32 for half types), contiguous
+        so that unfoldings of its first and last modes are views.
     sq_norm : float
         ``||x||_F ** 2``.
+
     """
     x = as_float_tensor(x, name)
-    work = x.to(compute_dtype(x.dtype))
+    work = x.to(compute_dtype(x.dtype)).contiguous()
     return x, work, finite_sq_norm(work, name)
 
 
@@ -145,6 +148,7 @@ def check_ranks(
     -------
     tuple of int
         The ranks, one per entry of ``bounds``.
+
     """
     n = len(bounds)
     what = list(what) if what is not None else [f"entry {i}" for i in range(n)]

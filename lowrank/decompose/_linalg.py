@@ -88,6 +88,7 @@ def rank_for_tol(sq_singular_values: torch.Tensor, total_sq_norm: float, allowed
         Squared Frobenius norm of the matrix (the sum of all squared singular values).
     allowed_sq_error : float
         The largest squared Frobenius error to accept.
+
     """
     kept = torch.cumsum(sq_singular_values.to(torch.float64), 0)
     tail = total_sq_norm - kept

@@ -105,6 +105,7 @@ def cp(
     >>> x = torch.einsum("ir,jr,kr->ijk", a, b, c)
     >>> lowrank.decompose.cp(x, 3, n_iter_max=500).relative_error(x) < 1e-6
     True
+
     """
     x, work, sq_norm = checked_input(x)
     if x.ndim < 2:

@@ -78,6 +78,7 @@ class SVD(Factorization):
         Singular values in decreasing order, shape ``(r,)``.
     vh : torch.Tensor
         Right singular vectors, shape ``(r, n)``, orthonormal rows.
+
     """
 
     u: torch.Tensor
@@ -131,6 +132,7 @@ class Tucker(Factorization):
         The decomposed modes, in the order of ``factors``. All modes for a full
         Tucker decomposition; a subset for a partial one (Tucker-2 of a conv kernel
         uses ``modes=(0, 1)``).
+
     """
 
     core: torch.Tensor
@@ -183,6 +185,7 @@ class CP(Factorization):
         Weight of each rank-one component, shape ``(rank,)``.
     factors : tuple of torch.Tensor
         One factor of shape ``(dim, rank)`` per mode.
+
     """
 
     weights: torch.Tensor
@@ -240,6 +243,7 @@ class TT(Factorization):
     ----------
     cores : tuple of torch.Tensor
         Core ``k`` has shape ``(r_k, n_k, r_{k+1})`` with ``r_0 = r_N = 1``.
+
     """
 
     cores: tuple[torch.Tensor, ...]
@@ -275,6 +279,7 @@ class TTMatrix(Factorization):
     ----------
     cores : tuple of torch.Tensor
         Core ``k`` has shape ``(r_k, m_k, n_k, r_{k+1})`` with ``r_0 = r_N = 1``.
+
     """
 
     cores: tuple[torch.Tensor, ...]
@@ -328,6 +333,7 @@ class TR(Factorization):
     ----------
     cores : tuple of torch.Tensor
         Core ``k`` has shape ``(r_k, n_k, r_{k+1})`` with ``r_N = r_0``.
+
     """
 
     cores: tuple[torch.Tensor, ...]

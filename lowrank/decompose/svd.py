@@ -141,6 +141,7 @@ def svd(
     >>> f = lowrank.decompose.svd(a, rank=20)
     >>> f.relative_error(a) < 1e-10
     True
+
     """
     x, a, sq_norm = checked_input(x)
     check_ndim(x, "x", exact=2)

@@ -134,6 +134,7 @@ def tr(
     -------
     TR
         The ring's cores, in the input's dtype and device.
+
     """
     x, work, sq_norm = checked_input(x)
     if x.ndim < 2:

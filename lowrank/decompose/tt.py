@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from lowrank.decompose._checks import check_ranks, check_tol, checked_input, compute_dtype
+from lowrank.decompose._checks import check_ranks, check_tol, checked_input, compute_dtype, make_generator
+from lowrank.decompose._linalg import leading_left_subspace
 from lowrank.decompose.factorizations import TT, TTMatrix
 from lowrank.decompose.svd import truncated_svd
 
@@ -33,31 +34,52 @@ def _check_tt_ranks(
         return tuple(bounds)
     if isinstance(rank, Sequence) and len(rank) == len(shape) + 1:
         if rank[0] != 1 or rank[-1] != 1:
-            raise ValueError(f"rank's boundary entries must be 1 when all {len(shape) + 1} are given, got {list(rank)!r}")
+            raise ValueError(
+                f"rank's boundary entries must be 1 when all {len(shape) + 1} are given, got {list(rank)!r}"
+            )
         rank = rank[1:-1]
     what = [f"bond {k} (at most {b} for shape {tuple(shape)})" for k, b in enumerate(bounds, start=1)]
     return check_ranks(rank, bounds, what=what, clip=clip)
 
 
-def _tt_svd(work: torch.Tensor, ranks: Sequence[int], allowed_sq_error: float | None) -> list[torch.Tensor]:
+def _tt_svd(
+    work: torch.Tensor, ranks: Sequence[int], allowed_sq_error: float | None, generator: torch.Generator
+) -> list[torch.Tensor]:
     """TT-SVD (Oseledets 2011): one truncated SVD per bond, left to right.
 
     With ``allowed_sq_error`` each bond may discard an equal share of it, which
-    bounds the total squared error by it; ``ranks`` then cap the bonds.
+    bounds the total squared error by it; ``ranks`` then cap the bonds. At fixed
+    ranks only each unfolding's leading left subspace is needed, found from its
+    Gram matrix or, when the rank is small against both sides, by a randomized
+    range finder.
     """
     shape = work.shape
     share = allowed_sq_error / max(len(shape) - 1, 1) if allowed_sq_error is not None else None
     cores, remainder, r_left = [], work, 1
     for k, cap in enumerate(ranks):
         mat = remainder.reshape(r_left * shape[k], -1)
-        u, s, vh = truncated_svd(mat, min(cap, *mat.shape), allowed_sq_error=share)
-        cores.append(u.reshape(r_left, shape[k], -1))
-        remainder, r_left = s[:, None] * vh, s.shape[0]
+        cap = min(cap, *mat.shape)
+        if share is None:
+            randomized = 4 * (cap + 10) <= min(mat.shape)
+            basis = leading_left_subspace(mat, cap, randomized=randomized, generator=generator)
+            remainder = basis.T @ mat
+        else:
+            basis, s, vh = truncated_svd(mat, cap, allowed_sq_error=share)
+            remainder = s[:, None] * vh
+        cores.append(basis.reshape(r_left, shape[k], -1))
+        r_left = basis.shape[1]
     cores.append(remainder.reshape(r_left, shape[-1], 1))
     return cores
 
 
-def tt(x: Any, rank: int | Sequence[int] | None = None, *, tol: float | None = None, clip: bool = False) -> TT:
+def tt(
+    x: Any,
+    rank: int | Sequence[int] | None = None,
+    *,
+    tol: float | None = None,
+    seed: int | None = 0,
+    clip: bool = False,
+) -> TT:
     """Tensor-train decomposition by TT-SVD.
 
     Parameters
@@ -72,6 +94,9 @@ def tt(x: Any, rank: int | Sequence[int] | None = None, *, tol: float | None = N
     tol : float, optional
         Relative error target in (0, 1); each bond discards an equal share of
         ``tol**2 * ||x||**2``, so the error is at most ``tol``.
+    seed : int or None
+        Seed of the randomized range finder used at fixed ranks where a rank is
+        small against its unfolding; None draws a fresh one.
     clip : bool
         Lower ranks above their bound to it instead of raising.
 
@@ -86,13 +111,14 @@ def tt(x: Any, rank: int | Sequence[int] | None = None, *, tol: float | None = N
     >>> x = torch.randn(4, 5, 6, 7)
     >>> lowrank.decompose.tt(x, rank=3).ranks
     (1, 3, 3, 3, 1)
+
     """
     x, work, sq_norm = checked_input(x)
     if x.ndim < 2:
         raise ValueError(f"x must have at least 2 modes for a tensor train, got shape {tuple(x.shape)}")
     tol = check_tol(tol)
     ranks = _check_tt_ranks(rank, x.shape, clip, tol)
-    cores = _tt_svd(work, ranks, tol**2 * sq_norm if tol is not None else None)
+    cores = _tt_svd(work, ranks, tol**2 * sq_norm if tol is not None else None, make_generator(seed, x.device))
     return TT(tuple(c.to(x.dtype) for c in cores))
 
 
@@ -120,6 +146,7 @@ def tt_round(
     -------
     TT
         The rounded train, in the input's dtype and device.
+
     """
     if not isinstance(train, TT):
         raise TypeError(f"train must be a lowrank TT, got {type(train).__name__}")
@@ -152,6 +179,7 @@ def tt_matrix(
     rank: int | Sequence[int] | None = None,
     *,
     tol: float | None = None,
+    seed: int | None = 0,
     clip: bool = False,
 ) -> TTMatrix:
     """Decompose a matrix in the tensor-train matrix (TT-matrix, MPO) format.
@@ -167,13 +195,14 @@ def tt_matrix(
         A 2-D tensor.
     row_shape, col_shape : sequence of int
         Factorisations of the row and column counts, of equal length ``d >= 2``.
-    rank, tol, clip
+    rank, tol, seed, clip
         As in :func:`tt`, for the ``d - 1`` bonds of the paired tensor.
 
     Returns
     -------
     TTMatrix
         Cores ``(r_k, m_k, n_k, r_{k+1})``.
+
     """
     matrix, work, sq_norm = checked_input(matrix, "matrix")
     row_shape, col_shape = tuple(row_shape), tuple(col_shape)
@@ -193,6 +222,7 @@ def tt_matrix(
     paired = paired.permute([i for k in range(d) for i in (k, d + k)]).reshape(paired_shape)
     tol = check_tol(tol)
     ranks = _check_tt_ranks(rank, paired_shape, clip, tol)
-    cores = _tt_svd(paired, ranks, tol**2 * sq_norm if tol is not None else None)
+    allowed = tol**2 * sq_norm if tol is not None else None
+    cores = _tt_svd(paired, ranks, allowed, make_generator(seed, matrix.device))
     cores = [c.reshape(c.shape[0], m, n, c.shape[-1]) for c, m, n in zip(cores, row_shape, col_shape)]
     return TTMatrix(tuple(c.to(matrix.dtype) for c in cores))

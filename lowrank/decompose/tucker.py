@@ -87,7 +87,9 @@ def _st_hosvd(
         rank, size = rank_of[mode], core.shape[mode]
         sketch_size = rank + n_oversamples
         if randomized and allowed_sq_error is None and 3 * sketch_size <= size:
-            gaussian = torch.randn(core.numel() // size, sketch_size, generator=generator, device=x.device, dtype=x.dtype)
+            gaussian = torch.randn(
+                core.numel() // size, sketch_size, generator=generator, device=x.device, dtype=x.dtype
+            )
             sketch = torch.linalg.qr(unfold(core, mode) @ gaussian).Q
             core = mode_product(core, sketch.T, mode)
             inner = _gram_factor(core, mode, rank, None)
@@ -138,11 +140,13 @@ def _hooi(
     for _ in range(n_iter_max):
         along_last = mode_product(x, factors[last].T, last)
         for mode in sorted(factors):
-            source, skip_last = (along_last, True) if mode != last else (x, False)
-            others = {m: f for m, f in factors.items() if not (skip_last and m == last)}
-            mat = unfold(_project_except(source, others, mode), mode)
+            if mode == last:
+                partial = _project_except(x, factors, last)
+            else:
+                partial = _project_except(along_last, {m: f for m, f in factors.items() if m != last}, mode)
+            mat = unfold(partial, mode)
             factors[mode] = torch.linalg.qr(mat @ (mat.T @ factors[mode])).Q
-        core = mode_product(_project_except(x, factors, last), factors[last].T, last)
+        core = mode_product(partial, factors[last].T, last)
         error = _relative_error(core, sq_norm)
         if abs(previous - error) < stop_tol:
             break
@@ -194,8 +198,9 @@ def tucker(
         How ST-HOSVD finds each mode's subspace: eigenvectors of the unfolding's
         Gram matrix, or (for a mode whose rank plus ``n_oversamples`` is at most a
         third of its size) a seeded Gaussian sketch of its range first. ``"auto"``
-        sketches when HOOI refines the result and uses Gram matrices for
-        ``method="hosvd"`` and for ``tol``.
+        sketches only when HOOI refines the result and every decomposed mode has
+        at least 1024 entries (there an eigendecomposition of the mode's Gram
+        matrix costs more than the sketch); it uses Gram matrices otherwise.
     n_oversamples : int
         Extra columns of the randomized sketch.
     seed : int or None
@@ -215,6 +220,7 @@ def tucker(
     >>> f = lowrank.decompose.tucker(x, rank=(5, 6, 7))
     >>> f.core.shape, f.ranks
     (torch.Size([5, 6, 7]), (5, 6, 7))
+
     """
     x, work, sq_norm = checked_input(x)
     if x.ndim < 2:
@@ -234,12 +240,15 @@ def tucker(
         ranks = check_ranks(
             rank, [x.shape[m] for m in modes], what=[f"mode {m} (size {x.shape[m]})" for m in modes], clip=clip
         )
+    if tol is not None and init == "random" and method == "hooi":
+        raise ValueError("tol= chooses the ranks by ST-HOSVD, so it needs init='svd', not 'random'")
     if tol is not None and subspace == "randomized":
         raise ValueError("tol= needs each mode's full spectrum: use subspace='gram' or 'auto', not 'randomized'")
 
     generator = make_generator(seed, x.device)
+    min_size = min(x.shape[m] for m in modes)
     if method == "hosvd" or init == "svd":
-        randomized = subspace == "randomized" or (subspace == "auto" and method == "hooi")
+        randomized = subspace == "randomized" or (subspace == "auto" and method == "hooi" and min_size >= 1024)
         allowed = tol**2 * sq_norm if tol is not None else None
         core, factors = _st_hosvd(work, modes, ranks, allowed, randomized, n_oversamples, generator)
         start_error = _relative_error(core, sq_norm) if sq_norm > 0 else 0.0
