@@ -68,12 +68,15 @@ def mode_gram(x: torch.Tensor, mode: int) -> torch.Tensor:
     return torch.einsum("bia,bja->ij", blocks, blocks)
 
 
-def symmetric_eig_desc(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigen-decomposition of a symmetric PSD matrix in float64, largest first.
+def symmetric_eig_desc(gram: torch.Tensor, *, float64: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigen-decomposition of a symmetric PSD matrix, largest first.
 
-    Returns the eigenvalues clamped at zero and the eigenvectors, both float64.
+    In float64 by default, as the eigenvalues' tail sums choose ranks; a caller
+    that needs only a well-separated leading subspace may keep the Gram
+    matrix's own dtype (``float64=False``), about twice as fast.
+    Returns the eigenvalues clamped at zero and the eigenvectors.
     """
-    evals, evecs = torch.linalg.eigh(gram.to(torch.float64))
+    evals, evecs = torch.linalg.eigh(gram.to(torch.float64) if float64 else gram)
     return evals.flip(0).clamp_min(0.0), evecs.flip(1)
 
 

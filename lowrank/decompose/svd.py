@@ -56,7 +56,7 @@ def truncated_svd(
     allowed_sq_error: float | None = None,
     method: str = "gram",
     n_oversamples: int = 10,
-    n_iter: int = 2,
+    n_iter: int = 4,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(u, s, vh)`` of a checked matrix, without argument validation.
@@ -96,7 +96,7 @@ def svd(
     tol: float | None = None,
     method: str = "auto",
     n_oversamples: int = 10,
-    n_iter: int = 2,
+    n_iter: int = 4,
     seed: int | None = 0,
     clip: bool = False,
 ) -> SVD:

@@ -53,7 +53,7 @@ def _gram_factor(core: torch.Tensor, mode: int, rank: int, allowed_sq_error: flo
     With ``allowed_sq_error`` the smallest rank (at most ``rank``) whose
     discarded energy fits in it.
     """
-    evals, evecs = symmetric_eig_desc(mode_gram(core, mode))
+    evals, evecs = symmetric_eig_desc(mode_gram(core, mode), float64=allowed_sq_error is not None)
     if allowed_sq_error is not None:
         rank = min(rank, rank_for_tol(evals, float(evals.sum()), allowed_sq_error))
     return evecs[:, :rank].to(core.dtype)
@@ -67,7 +67,7 @@ def _st_hosvd(
     randomized: bool,
     n_oversamples: int,
     generator: torch.Generator,
-) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[int, torch.Tensor], int, torch.Tensor]:
     """Sequentially truncated HOSVD (Vannieuwenhoven, Vandebril and Meerbergen 2012).
 
     Modes are processed in the order that shrinks the tensor most (first or last
@@ -78,6 +78,9 @@ def _st_hosvd(
     With ``randomized``, a mode whose rank is small against its size is first
     projected on a Gaussian sketch of its range (``rank + n_oversamples``
     columns) and its subspace is then found within that small core.
+
+    Returns the core, the factors, the first mode processed and ``x`` multiplied
+    along it by its factor's transpose (which HOOI's first sweep reuses).
     """
     shape, last = x.shape, x.ndim - 1
     rank_of = dict(zip(modes, ranks or [shape[m] for m in modes]))
@@ -98,7 +101,9 @@ def _st_hosvd(
             inner = factor = _gram_factor(core, mode, rank, allowed_sq_error / len(modes) if allowed_sq_error else None)
         factors[mode] = factor
         core = mode_product(core, inner.T, mode)
-    return core, factors
+        if mode == order[0]:
+            head = core
+    return core, factors, order[0], head
 
 
 def _project_except(x: torch.Tensor, factors: dict[int, torch.Tensor], skip: int | None) -> torch.Tensor:
@@ -123,30 +128,34 @@ def _hooi(
     start_error: float,
     n_iter_max: int,
     stop_tol: float,
+    pivot: int,
+    head: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Higher-order orthogonal iteration from the given factors.
 
     Each factor is updated by one block power step on its projected unfolding,
     ``orth(Y Yᵀ U)``, which raises the captured energy monotonically and costs
-    far less than a fresh eigendecomposition. Every mode but the last is
-    projected from ``x`` already multiplied along the last mode, so a sweep reads
-    the full tensor twice whatever the number of modes. Stops when the relative
-    error changes by less than ``stop_tol`` between sweeps (tensorly's
+    far less than a fresh eigendecomposition. Every mode but ``pivot`` is
+    updated from the ``head``, ``x`` multiplied along ``pivot`` (ST-HOSVD hands
+    over the first one), and ``pivot`` last, so a sweep reads the full tensor
+    twice whatever the number of modes, and the first sweep once. Stops when the
+    relative error changes by less than ``stop_tol`` between sweeps (tensorly's
     criterion; the first sweep is compared with ``start_error``) or after
     ``n_iter_max`` sweeps.
     """
-    last = max(factors)
     previous = start_error
+    others = sorted(m for m in factors if m != pivot)
     for _ in range(n_iter_max):
-        along_last = mode_product(x, factors[last].T, last)
-        for mode in sorted(factors):
-            if mode == last:
-                partial = _project_except(x, factors, last)
-            else:
-                partial = _project_except(along_last, {m: f for m, f in factors.items() if m != last}, mode)
-            mat = unfold(partial, mode)
+        if head is None:
+            head = mode_product(x, factors[pivot].T, pivot)
+        for mode in others:
+            mat = unfold(_project_except(head, {m: factors[m] for m in others}, mode), mode)
             factors[mode] = torch.linalg.qr(mat @ (mat.T @ factors[mode])).Q
-        core = mode_product(partial, factors[last].T, last)
+        partial = _project_except(x, factors, pivot)
+        mat = unfold(partial, pivot)
+        factors[pivot] = torch.linalg.qr(mat @ (mat.T @ factors[pivot])).Q
+        core = mode_product(partial, factors[pivot].T, pivot)
+        head = None
         error = _relative_error(core, sq_norm)
         if abs(previous - error) < stop_tol:
             break
@@ -245,19 +254,25 @@ def tucker(
     if tol is not None and subspace == "randomized":
         raise ValueError("tol= needs each mode's full spectrum: use subspace='gram' or 'auto', not 'randomized'")
 
+    # Kept modes first: the decomposed ones are then contiguous at the end and
+    # their mode products are single matrix products on views.
+    kept = [m for m in range(x.ndim) if m not in modes]
+    work = work.permute(*kept, *modes).contiguous()
+    inner_modes = tuple(range(len(kept), x.ndim))
     generator = make_generator(seed, x.device)
     min_size = min(x.shape[m] for m in modes)
     if method == "hosvd" or init == "svd":
         randomized = subspace == "randomized" or (subspace == "auto" and method == "hooi" and min_size >= 1024)
         allowed = tol**2 * sq_norm if tol is not None else None
-        core, factors = _st_hosvd(work, modes, ranks, allowed, randomized, n_oversamples, generator)
+        core, factors, pivot, head = _st_hosvd(work, inner_modes, ranks, allowed, randomized, n_oversamples, generator)
         start_error = _relative_error(core, sq_norm) if sq_norm > 0 else 0.0
     else:
         factors = {
-            m: torch.linalg.qr(torch.randn(x.shape[m], r, generator=generator, device=x.device, dtype=work.dtype)).Q
-            for m, r in zip(modes, ranks or [x.shape[m] for m in modes])
+            m: torch.linalg.qr(torch.randn(work.shape[m], r, generator=generator, device=x.device, dtype=work.dtype)).Q
+            for m, r in zip(inner_modes, ranks or [work.shape[m] for m in inner_modes])
         }
-        core, start_error = _project_except(work, factors, None), math.inf
+        core, start_error, pivot, head = _project_except(work, factors, None), math.inf, inner_modes[-1], None
     if method == "hooi" and sq_norm > 0:
-        core, factors = _hooi(work, factors, sq_norm, start_error, n_iter_max, stop_tol)
-    return Tucker(core.to(x.dtype), tuple(factors[m].to(x.dtype) for m in modes), modes)
+        core, factors = _hooi(work, factors, sq_norm, start_error, n_iter_max, stop_tol, pivot, head)
+    core = core.permute(*[(kept + list(modes)).index(m) for m in range(x.ndim)])
+    return Tucker(core.to(x.dtype).contiguous(), tuple(factors[m].to(x.dtype) for m in inner_modes), modes)

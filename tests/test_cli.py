@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lowrank.cli import main
+
+
+@pytest.fixture
+def low_rank_npy(tmp_path):
+    gen = np.random.default_rng(0)
+    factors = [gen.standard_normal((n, 2)) for n in (6, 7, 8)]
+    x = np.einsum("ia,jb,kc,abc->ijk", *factors, gen.standard_normal((2, 2, 2)))
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    return path
+
+
+def test_decompose_npy_reports_the_factorization(low_rank_npy, capsys):
+    assert main(["decompose", str(low_rank_npy), "--method", "tucker", "--rank", "2,2,2"]) == 0
+    out = capsys.readouterr().out
+    assert "Tucker(shape=(6, 7, 8), ranks=(2, 2, 2)" in out
+    error = float(out.rsplit("relative error:", 1)[1])
+    assert error < 1e-6
+
+
+def test_decompose_safetensors_key(tmp_path, capsys):
+    path = tmp_path / "w.safetensors"
+    save_file({"layer.weight": torch.randn(12, 10)}, str(path))
+    assert main(["decompose", str(path), "--key", "layer.weight", "--method", "svd", "--rank", "10"]) == 0
+    assert float(capsys.readouterr().out.rsplit("relative error:", 1)[1]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "tucker", "--rank", "9"], "rank for mode 0 (size 6) must be at most 6, got 9"),
+        (["--method", "tt", "--tol", "1.5"], "tol must be a relative error in the open interval (0, 1), got 1.5"),
+    ],
+)
+def test_bad_arguments_exit_2_with_the_reason(low_rank_npy, capsys, args, message):
+    assert main(["decompose", str(low_rank_npy), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_file_and_key(tmp_path, capsys):
+    assert main(["decompose", str(tmp_path / "none.npy"), "--method", "svd", "--rank", "1"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.randn(3, 3)}, str(path))
+    assert main(["decompose", str(path), "--key", "b", "--method", "svd", "--rank", "1"]) == 2
+    assert "'b' is not a tensor" in capsys.readouterr().err
