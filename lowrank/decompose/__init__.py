@@ -33,7 +33,7 @@ METHODS: dict[str, Callable[..., Factorization]] = {
 }
 
 
-def decompose(x: Any, method: str, *args: Any, **options: Any) -> Factorization:
+def decompose(x: Any, method: str, /, *args: Any, **options: Any) -> Factorization:
     """Decompose ``x`` with the named method.
 
     Parameters
@@ -44,7 +44,10 @@ def decompose(x: Any, method: str, *args: Any, **options: Any) -> Factorization:
         The decomposition; see :func:`svd`, :func:`tucker`, :func:`cp`,
         :func:`tt`, :func:`tt_matrix` and :func:`tr` for the options of each.
     *args, **options
-        Passed on to that function (``rank=``, ``tol=``, ...).
+        Passed on to that function (``rank=``, ``tol=``, ...). ``x`` and
+        ``method`` are positional-only, so a method's own ``method=`` option
+        (for example ``decompose(x, "svd", rank=8, method="randomized")``) is
+        passed on too.
 
     Returns
     -------
@@ -67,7 +70,7 @@ def decompose(x: Any, method: str, *args: Any, **options: Any) -> Factorization:
 class _CallableModule(types.ModuleType):
     """Lets ``lowrank.decompose`` be both this subpackage and the :func:`decompose` function."""
 
-    def __call__(self, x: Any, method: str, *args: Any, **options: Any) -> Factorization:
+    def __call__(self, x: Any, method: str, /, *args: Any, **options: Any) -> Factorization:
         return decompose(x, method, *args, **options)
 
 

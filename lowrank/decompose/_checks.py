@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -17,6 +17,8 @@ from lowrank.decompose._linalg import squared_norm
 
 # Half-precision inputs are decomposed in float32 and the factors cast back.
 _COMPUTE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+# Mean squared entry outside which an input is rescaled by a power of two (see checked_input).
+_SAFE_MEAN_SQUARE = (2.0**-64, 2.0**64)
 
 
 def as_float_tensor(x: Any, name: str = "x") -> torch.Tensor:
@@ -54,11 +56,11 @@ def finite_sq_norm(x: torch.Tensor, name: str = "x") -> float:
     """Return ``||x||_F ** 2``, raising a ``ValueError`` if ``x`` holds NaN or Inf.
 
     One pass over the data: the norm is finite exactly when every entry is,
-    unless the squares overflow, in which case the entries are checked one by
-    one and the norm is recomputed in float64.
+    unless the squares overflow or underflow, in which case the entries are
+    checked one by one and the norm is recomputed in float64.
     """
     sq_norm = squared_norm(x)
-    if math.isfinite(sq_norm):
+    if math.isfinite(sq_norm) and (sq_norm > _SAFE_MEAN_SQUARE[0] * x.numel() or x.dtype == torch.float64):
         return sq_norm
     bad = int((~torch.isfinite(x)).sum())
     if bad:
@@ -66,23 +68,43 @@ def finite_sq_norm(x: torch.Tensor, name: str = "x") -> float:
     return squared_norm(x.double())
 
 
-def checked_input(x: Any, name: str = "x") -> tuple[torch.Tensor, torch.Tensor, float]:
+class CheckedInput(NamedTuple):
+    """A validated decomposition input, as :func:`checked_input` returns it.
+
+    ``x`` equals ``scale * work`` exactly: the algorithms decompose ``work``
+    and multiply ``scale`` into one factor of the result.
+    """
+
+    x: torch.Tensor
+    """The input as a tensor, in its own dtype (the dtype the factors are returned in)."""
+    work: torch.Tensor
+    """The input in the dtype the algorithms compute in (float32 for half types), contiguous
+    so that unfoldings of its first and last modes are views, scaled into a safe range."""
+    sq_norm: float
+    """``||work||_F ** 2``."""
+    scale: float
+    """A power of two, 1.0 unless the input's magnitude is far from 1."""
+
+
+def checked_input(x: Any, name: str = "x") -> CheckedInput:
     """Validate a decomposition's input and prepare it for computing.
 
-    Returns
-    -------
-    x : torch.Tensor
-        The input as a tensor, in its own dtype (the dtype the factors are returned in).
-    work : torch.Tensor
-        The input in the dtype the algorithms compute in (float32 for half types), contiguous
-        so that unfoldings of its first and last modes are views.
-    sq_norm : float
-        ``||x||_F ** 2``.
-
+    Gram matrices square the data, which under- or overflows float32 for
+    entries far from 1 in magnitude (below about 1e-19 or above 1e19). An input
+    whose root-mean-square entry lies outside ``[2**-32, 2**32]`` is therefore
+    multiplied by the power of two that brings it near 1, which is exact and
+    keeps every decomposition scale-equivariant.
     """
     x = as_float_tensor(x, name)
     work = x.to(compute_dtype(x.dtype)).contiguous()
-    return x, work, finite_sq_norm(work, name)
+    sq_norm = finite_sq_norm(work, name)
+    mean_square = sq_norm / work.numel()
+    if mean_square == 0.0 or _SAFE_MEAN_SQUARE[0] <= mean_square <= _SAFE_MEAN_SQUARE[1]:
+        return CheckedInput(x, work, sq_norm, 1.0)
+    exponent = round(math.log2(mean_square) / 2)
+    # in float64, where 2**exponent itself cannot overflow
+    work = (work.double() * 2.0**-exponent).to(work.dtype)
+    return CheckedInput(x, work, sq_norm * 4.0**-exponent, 2.0**exponent)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

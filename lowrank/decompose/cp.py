@@ -107,7 +107,7 @@ def cp(
     True
 
     """
-    x, work, sq_norm = checked_input(x)
+    x, work, sq_norm, scale = checked_input(x)
     if x.ndim < 2:
         raise ValueError(f"x must have at least 2 modes for a CP decomposition, got shape {tuple(x.shape)}")
     max_rank = x.numel() // max(x.shape)
@@ -138,9 +138,9 @@ def cp(
             break
         previous = error
 
-    weights = torch.ones(rank, dtype=work.dtype, device=x.device)
+    weights = torch.full((rank,), scale, dtype=work.dtype, device=x.device)
     if normalize:
         norms = [torch.linalg.vector_norm(f, dim=0) for f in factors]
-        weights = math.prod(norms)
+        weights = weights * math.prod(norms)
         factors = [f / torch.where(n > 0, n, torch.ones_like(n)) for f, n in zip(factors, norms)]
     return CP(weights.to(x.dtype), tuple(f.to(x.dtype) for f in factors))

@@ -236,24 +236,10 @@ def contract_chain(cores: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 @dataclass(frozen=True, repr=False)
-class TT(Factorization):
-    """Tensor-train (matrix product state) decomposition.
-
-    Attributes
-    ----------
-    cores : tuple of torch.Tensor
-        Core ``k`` has shape ``(r_k, n_k, r_{k+1})`` with ``r_0 = r_N = 1``.
-
-    """
+class _Chain(Factorization):
+    """Cores joined in a line or a ring, each by its last bond to the next one's first."""
 
     cores: tuple[torch.Tensor, ...]
-
-    def __post_init__(self) -> None:
-        _check_chain(self.cores, closed=False, core_ndim=3)
-
-    def to_tensor(self) -> torch.Tensor:
-        """Contract the train."""
-        return contract_chain(self.cores).reshape(self.shape)
 
     @property
     def factor_tensors(self) -> tuple[torch.Tensor, ...]:
@@ -267,22 +253,37 @@ class TT(Factorization):
 
     @property
     def ranks(self) -> tuple[int, ...]:
-        """``(1, r_1, ..., r_{N-1}, 1)``."""
+        """The bond sizes ``(r_0, r_1, ..., r_N)``, boundary bonds included."""
         return tuple(c.shape[0] for c in self.cores) + (self.cores[-1].shape[-1],)
 
 
 @dataclass(frozen=True, repr=False)
-class TTMatrix(Factorization):
+class TT(_Chain):
+    """Tensor-train (matrix product state) decomposition.
+
+    Attributes
+    ----------
+    cores : tuple of torch.Tensor
+        Core ``k`` has shape ``(r_k, n_k, r_{k+1})`` with ``r_0 = r_N = 1``.
+    """
+
+    def __post_init__(self) -> None:
+        _check_chain(self.cores, closed=False, core_ndim=3)
+
+    def to_tensor(self) -> torch.Tensor:
+        """Contract the train."""
+        return contract_chain(self.cores).reshape(self.shape)
+
+
+@dataclass(frozen=True, repr=False)
+class TTMatrix(_Chain):
     """Tensor-train matrix: a matrix of shape ``(prod m_k, prod n_k)`` stored as a train.
 
     Attributes
     ----------
     cores : tuple of torch.Tensor
         Core ``k`` has shape ``(r_k, m_k, n_k, r_{k+1})`` with ``r_0 = r_N = 1``.
-
     """
-
-    cores: tuple[torch.Tensor, ...]
 
     def __post_init__(self) -> None:
         _check_chain(self.cores, closed=False, core_ndim=4)
@@ -300,11 +301,6 @@ class TTMatrix(Factorization):
         return self.to_tensor().reshape(math.prod(self.row_shape), math.prod(self.col_shape))
 
     @property
-    def factor_tensors(self) -> tuple[torch.Tensor, ...]:
-        """The cores."""
-        return self.cores
-
-    @property
     def row_shape(self) -> tuple[int, ...]:
         """``(m_1, ..., m_d)``."""
         return tuple(c.shape[1] for c in self.cores)
@@ -319,24 +315,17 @@ class TTMatrix(Factorization):
         """``(m_1, ..., m_d, n_1, ..., n_d)``."""
         return self.row_shape + self.col_shape
 
-    @property
-    def ranks(self) -> tuple[int, ...]:
-        """``(1, r_1, ..., r_{d-1}, 1)``."""
-        return tuple(c.shape[0] for c in self.cores) + (self.cores[-1].shape[-1],)
-
 
 @dataclass(frozen=True, repr=False)
-class TR(Factorization):
+class TR(_Chain):
     """Tensor-ring decomposition: a closed train whose end ranks are equal.
 
     Attributes
     ----------
     cores : tuple of torch.Tensor
-        Core ``k`` has shape ``(r_k, n_k, r_{k+1})`` with ``r_N = r_0``.
-
+        Core ``k`` has shape ``(r_k, n_k, r_{k+1})`` with ``r_N = r_0``; ``ranks``
+        lists ``(r_0, ..., r_{N-1}, r_0)``.
     """
-
-    cores: tuple[torch.Tensor, ...]
 
     def __post_init__(self) -> None:
         _check_chain(self.cores, closed=True, core_ndim=3)
@@ -345,21 +334,6 @@ class TR(Factorization):
         """Contract the ring (the trace over the closing bond)."""
         chain = contract_chain(self.cores)
         return torch.diagonal(chain, dim1=0, dim2=2).sum(-1).reshape(self.shape)
-
-    @property
-    def factor_tensors(self) -> tuple[torch.Tensor, ...]:
-        """The cores."""
-        return self.cores
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Shape of the represented tensor."""
-        return tuple(c.shape[1] for c in self.cores)
-
-    @property
-    def ranks(self) -> tuple[int, ...]:
-        """``(r_0, r_1, ..., r_{N-1}, r_0)``."""
-        return tuple(c.shape[0] for c in self.cores) + (self.cores[0].shape[0],)
 
 
 def _check_chain(cores: Sequence[torch.Tensor], *, closed: bool, core_ndim: int) -> None:

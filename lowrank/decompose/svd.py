@@ -143,7 +143,7 @@ def svd(
     True
 
     """
-    x, a, sq_norm = checked_input(x)
+    x, a, sq_norm, scale = checked_input(x)
     check_ndim(x, "x", exact=2)
     check_method(method, SVD_METHODS)
     tol = check_tol(tol)
@@ -171,4 +171,4 @@ def svd(
         n_iter=n_iter,
         generator=make_generator(seed, x.device) if method == "randomized" else None,
     )
-    return SVD(u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype))
+    return SVD(u.to(x.dtype), (s * scale).to(x.dtype), vh.to(x.dtype))

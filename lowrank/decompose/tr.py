@@ -32,13 +32,20 @@ def _padded(mat: torch.Tensor, rows: int, cols: int, generator: torch.Generator)
     return out
 
 
-def _tr_svd(work: torch.Tensor, ranks: tuple[int, ...], generator: torch.Generator) -> list[torch.Tensor]:
+def _tr_svd(
+    work: torch.Tensor, ranks: tuple[int, ...], generator: torch.Generator, regauge: bool = False
+) -> list[torch.Tensor]:
     """TR-SVD (Zhao et al. 2016, algorithm 1) at fixed ranks.
 
     The first unfolding is truncated to ``r_0 * r_1`` and split into the first
     core and the two closing bonds; the rest is a tensor train whose last mode
     carries ``r_0``. Where an unfolding has fewer singular values than the rank
     asked for, the missing slices are small random ones.
+
+    How the ``r_0 * r_1`` leading singular vectors are split between the two
+    bonds is arbitrary, and ALS started from some splits stalls in a poor local
+    minimum; ``regauge`` rotates them by a random orthogonal matrix first, which
+    gives ALS a different start.
     """
     shape, n = work.shape, work.ndim
     r0, r1 = ranks[0], ranks[1 % n]
@@ -46,6 +53,11 @@ def _tr_svd(work: torch.Tensor, ranks: tuple[int, ...], generator: torch.Generat
     u, s, vh = truncated_svd(mat, min(r0 * r1, *mat.shape))
     u = _padded(u, shape[0], r0 * r1, generator)
     rest = _padded(s[:, None] * vh, r0 * r1, mat.shape[1], generator)
+    if regauge:
+        rotation = torch.linalg.qr(
+            torch.randn(r0 * r1, r0 * r1, generator=generator, device=work.device, dtype=work.dtype)
+        ).Q
+        u, rest = u @ rotation, rotation.T @ rest
     cores = [u.reshape(shape[0], r0, r1).permute(1, 0, 2)]
     # (r0, r1, n_1 ... n_{N-1}) -> (r1, n_1 ... n_{N-1}, r0)
     remainder = rest.reshape(r0, r1, -1).permute(1, 2, 0)
@@ -68,11 +80,12 @@ def _cyclic_unfolding(x: torch.Tensor, mode: int) -> torch.Tensor:
 
 def _tr_als(
     work: torch.Tensor, cores: list[torch.Tensor], sq_norm: float, n_iter_max: int, stop_tol: float
-) -> list[torch.Tensor]:
+) -> tuple[list[torch.Tensor], float]:
     """Alternating least squares over the cores (Zhao et al. 2016, TR-ALS).
 
     Core ``k`` solves ``min ||X_<k> - G_k D_k^T||`` where ``D_k`` is the
     contraction of all other cores; the normal equations are solved in float64.
+    Returns the cores and the relative error after the last sweep.
     """
     n = work.ndim
     unfoldings = [_cyclic_unfolding(work, k) for k in range(n)]
@@ -94,7 +107,7 @@ def _tr_als(
         if abs(previous - error) < stop_tol:
             break
         previous = error
-    return cores
+    return cores, error
 
 
 def tr(
@@ -102,6 +115,7 @@ def tr(
     rank: int | Sequence[int],
     *,
     method: str = "als",
+    n_init: int = 1,
     n_iter_max: int = 20,
     stop_tol: float = 1e-6,
     seed: int | None = 0,
@@ -121,6 +135,10 @@ def tr(
     method : {"als", "svd"}
         ``"svd"`` returns the TR-SVD; ``"als"`` refines it by alternating least
         squares.
+    n_init : int
+        Number of ALS starts: the TR-SVD, then TR-SVDs whose first split is
+        rotated at random (ALS can stall in a poor local minimum from any one
+        start). The result with the lowest error is kept. ``"svd"`` ignores it.
     n_iter_max : int
         Largest number of ALS sweeps.
     stop_tol : float
@@ -136,7 +154,7 @@ def tr(
         The ring's cores, in the input's dtype and device.
 
     """
-    x, work, sq_norm = checked_input(x)
+    x, work, sq_norm, scale = checked_input(x)
     if x.ndim < 2:
         raise ValueError(f"x must have at least 2 modes for a tensor ring, got shape {tuple(x.shape)}")
     shape = tuple(x.shape)
@@ -145,10 +163,19 @@ def tr(
     what = [f"bond {k} (at most {b} for shape {shape})" for k, b in enumerate(bounds)]
     ranks = check_ranks(rank, bounds, what=what, clip=clip)
     check_method(method, TR_METHODS)
+    n_init = check_positive_int(n_init, "n_init")
     n_iter_max = check_positive_int(n_iter_max, "n_iter_max")
     stop_tol = check_nonnegative(stop_tol, "stop_tol")
 
-    cores = _tr_svd(work, ranks, make_generator(seed, x.device))
-    if method == "als":
-        cores = _tr_als(work, cores, sq_norm, n_iter_max, stop_tol)
+    generator = make_generator(seed, x.device)
+    cores = _tr_svd(work, ranks, generator)
+    if method == "als" and sq_norm > 0:
+        best_error = math.inf
+        for start in range(n_init):
+            refined, error = _tr_als(work, _tr_svd(work, ranks, generator, regauge=True) if start else cores,
+                                     sq_norm, n_iter_max, stop_tol)
+            if error < best_error:
+                best, best_error = refined, error
+        cores = best
+    cores[-1] = cores[-1] * scale
     return TR(tuple(c.to(x.dtype) for c in cores))

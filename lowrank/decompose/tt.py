@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lowrank.decompose._checks import check_ranks, check_tol, checked_input, compute_dtype, make_generator
+from lowrank.decompose._checks import check_ranks, check_tol, checked_input, make_generator
 from lowrank.decompose._linalg import leading_left_subspace
 from lowrank.decompose.factorizations import TT, TTMatrix
 from lowrank.decompose.svd import truncated_svd
@@ -113,12 +113,13 @@ def tt(
     (1, 3, 3, 3, 1)
 
     """
-    x, work, sq_norm = checked_input(x)
+    x, work, sq_norm, scale = checked_input(x)
     if x.ndim < 2:
         raise ValueError(f"x must have at least 2 modes for a tensor train, got shape {tuple(x.shape)}")
     tol = check_tol(tol)
     ranks = _check_tt_ranks(rank, x.shape, clip, tol)
     cores = _tt_svd(work, ranks, tol**2 * sq_norm if tol is not None else None, make_generator(seed, x.device))
+    cores[-1] = cores[-1] * scale
     return TT(tuple(c.to(x.dtype) for c in cores))
 
 
@@ -152,8 +153,8 @@ def tt_round(
         raise TypeError(f"train must be a lowrank TT, got {type(train).__name__}")
     tol = check_tol(tol)
     ranks = _check_tt_ranks(rank, train.shape, clip, tol)
-    work_dtype = compute_dtype(train.dtype)
-    cores = [c.to(work_dtype) for c in train.cores]
+    checked = [checked_input(core, f"train core {k}") for k, core in enumerate(train.cores)]
+    cores = [c.work for c in checked]
     for k in range(len(cores) - 1, 0, -1):
         r_left, dim, r_right = cores[k].shape
         q, r = torch.linalg.qr(cores[k].reshape(r_left, -1).T)
@@ -169,6 +170,7 @@ def tt_round(
         u, s, vh = truncated_svd(mat, min(ranks[k], *mat.shape), allowed_sq_error=allowed)
         cores[k] = u.reshape(r_left, dim, -1)
         cores[k + 1] = torch.tensordot(s[:, None] * vh, cores[k + 1], dims=1)
+    cores[-1] = cores[-1] * math.prod(c.scale for c in checked)
     return TT(tuple(c.to(train.dtype) for c in cores))
 
 
@@ -204,7 +206,7 @@ def tt_matrix(
         Cores ``(r_k, m_k, n_k, r_{k+1})``.
 
     """
-    matrix, work, sq_norm = checked_input(matrix, "matrix")
+    matrix, work, sq_norm, scale = checked_input(matrix, "matrix")
     row_shape, col_shape = tuple(row_shape), tuple(col_shape)
     if matrix.ndim != 2:
         raise ValueError(f"matrix must be 2-D, got shape {tuple(matrix.shape)}")
@@ -224,5 +226,6 @@ def tt_matrix(
     ranks = _check_tt_ranks(rank, paired_shape, clip, tol)
     allowed = tol**2 * sq_norm if tol is not None else None
     cores = _tt_svd(paired, ranks, allowed, make_generator(seed, matrix.device))
+    cores[-1] = cores[-1] * scale
     cores = [c.reshape(c.shape[0], m, n, c.shape[-1]) for c, m, n in zip(cores, row_shape, col_shape)]
     return TTMatrix(tuple(c.to(matrix.dtype) for c in cores))

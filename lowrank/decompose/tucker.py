@@ -231,7 +231,7 @@ def tucker(
     (torch.Size([5, 6, 7]), (5, 6, 7))
 
     """
-    x, work, sq_norm = checked_input(x)
+    x, work, sq_norm, scale = checked_input(x)
     if x.ndim < 2:
         raise ValueError(f"x must have at least 2 modes for a Tucker decomposition, got shape {tuple(x.shape)}")
     modes = check_modes(modes, x.ndim)
@@ -275,4 +275,4 @@ def tucker(
     if method == "hooi" and sq_norm > 0:
         core, factors = _hooi(work, factors, sq_norm, start_error, n_iter_max, stop_tol, pivot, head)
     core = core.permute(*[(kept + list(modes)).index(m) for m in range(x.ndim)])
-    return Tucker(core.to(x.dtype).contiguous(), tuple(factors[m].to(x.dtype) for m in inner_modes), modes)
+    return Tucker((core * scale).to(x.dtype).contiguous(), tuple(factors[m].to(x.dtype) for m in inner_modes), modes)
