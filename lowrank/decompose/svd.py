@@ -83,7 +83,9 @@ def truncated_svd(
             a, rank, randomized=True, n_oversamples=n_oversamples, n_iter=n_iter, generator=generator
         )
         return _svd_from_left_basis(a, basis)
-    evals, evecs = symmetric_eig_desc(a @ a.T)
+    # The leading subspace at a fixed rank needs no more precision than the Gram matrix
+    # carries (it is formed in a's dtype); choosing a rank by tol needs accurate tail sums.
+    evals, evecs = symmetric_eig_desc(a @ a.T, float64=allowed_sq_error is not None)
     if allowed_sq_error is not None:
         rank = min(rank, rank_for_tol(evals, float(evals.sum()), allowed_sq_error))
     return _svd_from_left_basis(a, evecs[:, :rank].to(a.dtype))

@@ -1,0 +1,456 @@
+"""Whole-model compression: find the target layers, factorize them, swap them in, report.
+
+``lowrank.compress(model, ratio=0.5)`` is the one call; every choice it makes
+(which layers, which method per layer type, which rank) is a keyword argument.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowrank.nn import (
+    CPConv,
+    FactorizedModule,
+    LowRankEmbedding,
+    LowRankLinear,
+    SVDConv,
+    TTLinear,
+    Tucker2Conv,
+    UnsupportedLayerError,
+    cp_rank_for_ratio,
+    dense_flops,
+    is_hf_conv1d,
+    linear_rank_for_ratio,
+    linear_weight,
+    svd_rank_for_ratio,
+    tt_rank_for_ratio,
+    tucker2_ranks_for_ratio,
+)
+from lowrank.rank import energy_rank
+
+# The layer kinds compress() tells apart, and the methods each accepts (the first is "auto").
+METHODS: dict[str, tuple[str, ...]] = {
+    "linear": ("svd", "tt"),
+    "conv": ("tucker2", "cp", "svd-channel", "svd-spatial"),
+    "pointwise": ("svd-channel",),
+    "embedding": ("svd",),
+}
+# The spatial size (per dimension) at which convolution FLOPs are compared for the break-even rule.
+BREAK_EVEN_SPATIAL = 32
+
+
+@dataclass
+class LayerReport:
+    """One row of a :class:`CompressionReport`: what happened to one targeted layer."""
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    method: str | None
+    rank: int | tuple[int, ...] | None
+    params_before: int
+    params_after: int
+    relative_error: float | None
+    skip_reason: str | None = None
+
+    @property
+    def replaced(self) -> bool:
+        """Whether the layer was replaced by a factorized module."""
+        return self.skip_reason is None
+
+
+@dataclass
+class CompressionReport:
+    """What :func:`compress` did, one :class:`LayerReport` per targeted layer.
+
+    Parameter counts include each layer's bias; ``params_before`` and
+    ``params_after`` sum over the targeted layers (skipped ones count the same
+    on both sides).
+    """
+
+    layers: list[LayerReport] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def params_before(self) -> int:
+        """Parameters of the targeted layers before compression."""
+        return sum(row.params_before for row in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        """Parameters of the targeted layers after compression."""
+        return sum(row.params_after for row in self.layers)
+
+    @property
+    def ratio(self) -> float:
+        """Fraction of the targeted layers' parameters that remain."""
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-able data."""
+        return {
+            "settings": self.settings,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "ratio": self.ratio,
+            "layers": [asdict(row) for row in self.layers],
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        """The report as a JSON string (``kwargs`` go to ``json.dumps``)."""
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionReport:
+        """Rebuild a report from :meth:`to_dict`'s output."""
+        layers = []
+        for row in data["layers"]:
+            row = dict(row, shape=tuple(row["shape"]))
+            if isinstance(row["rank"], list):
+                row["rank"] = tuple(row["rank"])
+            layers.append(LayerReport(**row))
+        return cls(layers, dict(data.get("settings", {})))
+
+    def __str__(self) -> str:
+        header = ("layer", "type", "shape", "method", "rank", "params", "after", "rel. error", "note")
+        rows = [header]
+        for row in self.layers:
+            rank = "" if row.rank is None else "x".join(map(str, row.rank)) if isinstance(row.rank, tuple) else row.rank
+            rows.append((
+                row.name, row.type, "x".join(map(str, row.shape)), row.method or "-", str(rank),
+                f"{row.params_before:,}", f"{row.params_after:,}",
+                "-" if row.relative_error is None else f"{row.relative_error:.4f}", row.skip_reason or "",
+            ))
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+        lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(r, widths)).rstrip() for r in rows]
+        replaced = sum(row.replaced for row in self.layers)
+        lines.append(
+            f"{replaced} of {len(self.layers)} targeted layers replaced; parameters of targeted layers "
+            f"{self.params_before:,} -> {self.params_after:,} ({self.ratio:.1%})"
+        )
+        return "\n".join(lines)
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """``"linear"``, ``"conv"`` (kernel larger than 1), ``"pointwise"`` (1x1 conv), ``"embedding"`` or None."""
+    if isinstance(module, FactorizedModule):
+        return None
+    if isinstance(module, nn.Linear) or is_hf_conv1d(module):
+        return "linear"
+    if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return "conv" if math.prod(module.kernel_size) > 1 else "pointwise"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return None
+
+
+def _resolve_methods(method: str | dict[str, str], kinds: Iterable[str]) -> dict[str, str]:
+    """One method per layer kind from ``"auto"``, a method name, or a ``{kind: method}`` dict."""
+    chosen = {kind: METHODS[kind][0] for kind in METHODS}
+    if isinstance(method, dict):
+        for kind, name in method.items():
+            if kind not in METHODS:
+                raise ValueError(f"method keys must be layer kinds {tuple(METHODS)}; got {kind!r}")
+            if name != "auto" and name not in METHODS[kind]:
+                raise ValueError(f"method for {kind} layers must be one of {METHODS[kind]}; got {name!r}")
+            if name != "auto":
+                chosen[kind] = name
+        return chosen
+    if method == "auto":
+        return chosen
+    fits = [kind for kind in kinds if method in METHODS[kind]]
+    if not fits:
+        allowed = sorted({m for kind in kinds for m in METHODS[kind]})
+        raise ValueError(f"method must be 'auto' or one of {allowed} for the targeted layers; got {method!r}")
+    chosen.update(dict.fromkeys(fits, method))
+    return chosen
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _output_heads(model: nn.Module) -> set[int]:
+    """Ids of modules that are output heads: tied to an input embedding, or the model's output embeddings."""
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    heads = {
+        id(m) for m in model.modules()
+        if layer_kind(m) == "linear" and id(m.weight) in embedding_weights
+    }
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    if callable(get_output_embeddings) and isinstance(head := get_output_embeddings(), nn.Module):
+        heads.add(id(head))
+    return heads
+
+
+def _weight_matrix(module: nn.Module, kind: str) -> torch.Tensor:
+    """The matrix whose spectrum an SVD-based method truncates."""
+    if kind == "linear":
+        return linear_weight(module)
+    if kind == "embedding":
+        return module.weight
+    return module.weight.reshape(module.weight.shape[0], -1)
+
+
+def _unfolding_spectra(weight: torch.Tensor, mode: int) -> torch.Tensor:
+    return torch.linalg.svdvals(weight.detach().movedim(mode, 0).reshape(weight.shape[mode], -1).double())
+
+
+def _choose_rank(
+    module: nn.Module, kind: str, method: str, ratio: float | None, rank: int | None, energy: float | None
+) -> int | tuple[int, int]:
+    """The rank (or Tucker-2 rank pair) that the rank policy gives ``module``; 0 when none fits.
+
+    The ``*_for_ratio`` helpers budget the weight alone; ``ratio`` covers weight
+    and bias together, with the bias kept as it is, so the weight's share of the
+    budget is what remains once the bias is paid for.
+    """
+    weight = module.weight.detach()
+    if ratio is not None:
+        bias = getattr(module, "bias", None)
+        bias_size = 0 if bias is None else bias.numel()
+        ratio = (ratio * (weight.numel() + bias_size) - bias_size) / weight.numel()
+        if ratio <= 0:
+            return 0
+    if method == "tucker2":
+        groups = getattr(module, "groups", 1)
+        out_group, in_group = weight.shape[0] // groups, weight.shape[1]
+        if ratio is not None:
+            return tucker2_ranks_for_ratio(module, ratio)
+        if rank is not None:
+            return (min(rank, out_group), min(rank, in_group))
+        return (energy_rank(_unfolding_spectra(weight, 0), energy), energy_rank(_unfolding_spectra(weight, 1), energy))
+    if energy is not None:
+        if method in ("cp", "tt", "svd-spatial"):
+            raise ValueError(f"energy= picks ranks from singular values, which method {method!r} has none of")
+        return energy_rank(torch.linalg.svdvals(_weight_matrix(module, kind).detach().double()), energy)
+    if rank is not None:
+        return rank
+    if method == "cp":
+        return cp_rank_for_ratio(module, ratio)
+    if method == "tt":
+        return tt_rank_for_ratio(module, ratio)
+    if method.startswith("svd-"):
+        return svd_rank_for_ratio(module, ratio, scheme=method.removeprefix("svd-"))
+    rows, cols = _weight_matrix(module, kind).shape
+    return linear_rank_for_ratio(rows, cols, ratio)
+
+
+def _factorize(module: nn.Module, kind: str, method: str, rank: int | tuple[int, int]) -> FactorizedModule:
+    """Build the factorized replacement of ``module``."""
+    if method == "tucker2":
+        return Tucker2Conv.from_dense(module, rank)
+    if method == "cp":
+        return CPConv.from_dense(module, rank)
+    if method.startswith("svd-"):
+        return SVDConv.from_dense(module, rank, scheme=method.removeprefix("svd-"))
+    if method == "tt":
+        return TTLinear.from_dense(module, rank=rank)
+    if kind == "embedding":
+        return LowRankEmbedding.from_dense(module, rank)
+    return LowRankLinear.from_dense(module, rank)
+
+
+def _probe_shape(module: nn.Module, kind: str) -> tuple[int, ...]:
+    """The input shape at which dense and factorized FLOPs are compared."""
+    if kind in ("conv", "pointwise"):
+        return (1, module.in_channels, *(BREAK_EVEN_SPATIAL,) * len(module.kernel_size))
+    if kind == "embedding":
+        return (1,)
+    return (1, linear_weight(module).shape[1])
+
+
+def _dense_weight(module: nn.Module) -> torch.Tensor:
+    """A dense layer's weight in the layout its factorized replacement's ``to_dense()`` produces."""
+    return module.weight.T if is_hf_conv1d(module) else module.weight
+
+
+def _replace(
+    name: str, module: nn.Module, kind: str, method: str, policy: dict[str, Any]
+) -> tuple[FactorizedModule | None, LayerReport]:
+    """Factorize one layer under the rank ``policy``; return the replacement (None when skipped) and its row."""
+    params = sum(p.numel() for p in module.parameters())
+    row = LayerReport(name, type(module).__name__, tuple(_dense_weight(module).shape), method,
+                      None, params, params, None)
+    try:
+        rank = row.rank = _choose_rank(module, kind, method, **policy)
+        if (isinstance(rank, int) and rank < 1) or (isinstance(rank, tuple) and min(rank) < 1):
+            row.skip_reason = "no rank >= 1 fits the ratio"
+            return None, row
+        factorized = _factorize(module, kind, method, rank)
+    except UnsupportedLayerError as error:
+        row.skip_reason = str(error)
+        return None, row
+    shape = _probe_shape(module, kind)
+    if factorized.num_params >= params:
+        row.skip_reason = f"break-even: {factorized.num_params:,} factorized parameters >= {params:,} dense"
+        return None, row
+    if kind != "embedding" and factorized.flops(shape) >= dense_flops(module, shape):
+        row.skip_reason = (
+            f"break-even: {factorized.flops(shape):,} factorized MACs >= {dense_flops(module, shape):,} dense "
+            f"at input {shape}"
+        )
+        return None, row
+    weight = _dense_weight(module).detach().double()
+    approx = factorized.dense_weight().detach().double()
+    row.relative_error = float(torch.linalg.vector_norm(weight - approx) / torch.linalg.vector_norm(weight))
+    row.rank = _reported_rank(factorized)
+    row.params_after = factorized.num_params
+    return factorized, row
+
+
+def _reported_rank(module: FactorizedModule) -> int | tuple[int, ...]:
+    rank = module.config().get("rank", module.config().get("ranks"))
+    return tuple(rank) if isinstance(rank, list) else rank
+
+
+def compress(
+    model: nn.Module,
+    ratio: float | None = None,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    method: str | dict[str, str] = "auto",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+    embeddings: bool = False,
+    pointwise: bool = False,
+    progress: bool = True,
+) -> CompressionReport:
+    """Replace a model's layers by factorized ones, in place.
+
+    By default every ``nn.Linear``, Hugging Face ``Conv1D`` and ``nn.Conv1d/2d/3d``
+    with a kernel larger than 1 is targeted, except output heads (a linear layer
+    whose weight is tied to an embedding, or the model's ``get_output_embeddings()``).
+    Each targeted layer is decomposed on its own and replaced only if that lowers
+    both its parameter count and its FLOPs (the break-even rule); otherwise it
+    stays dense and the report says why.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model, modified in place. If any layer fails, the model is left
+        exactly as it was and the error names the layer.
+    ratio : float, optional
+        Fraction of each targeted layer's parameters to keep, in (0, 1): every
+        layer gets the largest rank whose factorized module (factors plus bias)
+        holds at most ``ratio`` times the dense layer's parameters (weight plus
+        bias). So the targeted layers' parameters that remain are at most
+        ``ratio`` of what they were, except for layers left dense (no rank fits,
+        or break-even). This is the default policy, with ``ratio=0.5``.
+    rank : int, optional
+        A fixed rank for every layer instead (both Tucker-2 ranks, capped at
+        the channel counts; the uniform internal rank of a TT layer).
+    energy : float, optional
+        Keep the smallest rank whose singular values hold this fraction of the
+        weight's squared norm, in (0, 1] (for Tucker-2, per channel mode).
+    method : str or dict
+        ``"auto"`` (low-rank SVD for linear layers and embeddings, Tucker-2 for
+        k×k convolutions, a channel SVD for 1×1 convolutions); one method name,
+        applied to every targeted kind that supports it (linear: ``"svd"``,
+        ``"tt"``; conv: ``"tucker2"``, ``"cp"``, ``"svd-channel"``,
+        ``"svd-spatial"``); or a dict ``{kind: method}`` with kinds ``"linear"``,
+        ``"conv"``, ``"pointwise"`` and ``"embedding"``.
+    include : sequence of str, optional
+        Glob patterns (``fnmatch``) of module names: only matching layers are targeted.
+    exclude : sequence of str
+        Glob patterns of module names never targeted.
+    filter_fn : callable, optional
+        ``filter_fn(name, module) -> bool``; only layers for which it is true are targeted.
+    embeddings : bool
+        Also target ``nn.Embedding`` tables (compared on parameters only: a
+        dense lookup does no arithmetic).
+    pointwise : bool
+        Also target 1×1 convolutions.
+    progress : bool
+        Show a progress bar over the targeted layers.
+
+    Returns
+    -------
+    CompressionReport
+        One row per targeted layer; ``print(report)`` shows a table,
+        ``report.to_dict()`` / ``report.to_json()`` give JSON.
+
+    Examples
+    --------
+    >>> import torch, lowrank
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    >>> report = lowrank.compress(model, ratio=0.5, progress=False)
+    >>> type(model[0]).__name__, report.ratio <= 0.5
+    ('LowRankLinear', True)
+
+    """
+    given = [key for key, value in {"ratio": ratio, "rank": rank, "energy": energy}.items() if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one rank policy among ratio=, rank= and energy=; got {', '.join(given)}")
+    if not given:
+        ratio = 0.5
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1):
+        raise ValueError(f"ratio must be a fraction in (0, 1), got {ratio!r}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1):
+        raise ValueError(f"energy must be a fraction in (0, 1], got {energy!r}")
+    policy = {"ratio": ratio, "rank": rank, "energy": energy}
+    kinds = {"linear", "conv"} | ({"embedding"} if embeddings else set()) | ({"pointwise"} if pointwise else set())
+    methods = _resolve_methods(method, kinds)
+
+    heads = _output_heads(model)
+    targets, report = [], CompressionReport(settings={
+        "ratio": ratio, "rank": rank, "energy": energy, "method": methods,
+        "include": list(include) if include is not None else None, "exclude": list(exclude),
+        "embeddings": embeddings, "pointwise": pointwise,
+    })
+    for name, module in model.named_modules():
+        kind = layer_kind(module)
+        if kind not in kinds or _matches(name, exclude) or (include is not None and not _matches(name, include)):
+            continue
+        if filter_fn is not None and not filter_fn(name, module):
+            continue
+        if id(module) in heads:
+            params = sum(p.numel() for p in module.parameters())
+            report.layers.append(LayerReport(name, type(module).__name__, tuple(_dense_weight(module).shape), None,
+                                             None, params, params, None, "output head"))
+            continue
+        targets.append((name, module, kind))
+
+    replacements = []
+    for name, module, kind in tqdm(targets, desc="lowrank.compress", unit="layer", disable=not progress):
+        try:
+            factorized, row = _replace(name, module, kind, methods[kind], policy)
+        except Exception as error:
+            raise RuntimeError(
+                f"compressing layer {name!r} ({type(module).__name__}, weight {tuple(module.weight.shape)}) "
+                f"failed; the model is unchanged: {error}"
+            ) from error
+        report.layers.append(row)
+        if factorized is not None:
+            factorized.train(module.training)
+            replacements.append((name, factorized))
+    swap_modules(model, replacements)
+    return report
+
+
+def swap_modules(model: nn.Module, replacements: Sequence[tuple[str, nn.Module]]) -> None:
+    """Set each named submodule of ``model`` to its replacement, all or none."""
+    done = []
+    try:
+        for name, new in replacements:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            done.append((parent, child, getattr(parent, child)))
+            setattr(parent, child, new)
+    except Exception:
+        for parent, child, old in reversed(done):
+            setattr(parent, child, old)
+        raise

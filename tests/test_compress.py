@@ -1,0 +1,182 @@
+"""lowrank.compress: targets, rank policies, break-even, report, and all-or-nothing failure."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import generator, low_rank_matrix
+from torch import nn
+
+import lowrank
+from lowrank.nn import LowRankEmbedding, LowRankLinear, Tucker2Conv
+
+F64 = torch.float64
+
+
+class TinyLM(nn.Module):
+    """Embedding, two linears, a conv, a 1x1 conv and an output head tied to the embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.up = nn.Linear(32, 64)
+        self.down = nn.Linear(64, 32)
+        self.conv = nn.Conv1d(32, 32, 3, padding=1)
+        self.mix = nn.Conv1d(32, 32, 1)
+        self.head = nn.Linear(32, 50, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, idx):
+        h = self.embed(idx)
+        h = h + self.down(torch.relu(self.up(h)))
+        h = h + self.mix(self.conv(h.transpose(1, 2))).transpose(1, 2)
+        return self.head(h)
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return TinyLM().double()
+
+
+def param_count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_default_targets_and_ratio():
+    model = tiny()
+    before = {name: param_count(m) for name, m in model.named_modules()}
+    report = lowrank.compress(model, ratio=0.5, progress=False)
+    assert isinstance(model.up, LowRankLinear) and isinstance(model.down, LowRankLinear)
+    assert isinstance(model.conv, Tucker2Conv)
+    assert isinstance(model.embed, nn.Embedding) and isinstance(model.mix, nn.Conv1d)  # not targeted by default
+    assert isinstance(model.head, nn.Linear)  # output head, tied to the embedding
+    rows = {row.name: row for row in report.layers}
+    assert set(rows) == {"up", "down", "conv", "head"}
+    assert rows["head"].skip_reason == "output head" and rows["head"].params_after == rows["head"].params_before
+    for name in ("up", "down", "conv"):
+        assert rows[name].replaced
+        assert rows[name].params_before == before[name]
+        assert rows[name].params_after == param_count(getattr(model, name)) <= 0.5 * before[name]
+        assert 0 < rows[name].relative_error < 1
+    # up is 64x32: the largest rank with r * (64 + 32) + 64 <= 0.5 * (64 * 32 + 64) is 10
+    assert rows["up"].rank == 10
+    assert report.params_after == sum(row.params_after for row in report.layers)
+    assert report.ratio == report.params_after / report.params_before
+    assert model(torch.randint(0, 50, (2, 7))).shape == (2, 7, 50)
+
+
+def test_report_table_and_json():
+    model = tiny()
+    report = lowrank.compress(model, ratio=0.5, progress=False)
+    text = str(report)
+    assert "up" in text and "LowRankLinear" not in text and "output head" in text and "Linear" in text
+    data = json.loads(report.to_json())
+    assert [row["name"] for row in data["layers"]] == [row.name for row in report.layers]
+    again = lowrank.CompressionReport.from_dict(data)
+    assert again.layers == report.layers and again.ratio == report.ratio
+
+
+def test_the_weight_error_reported_is_the_weight_error():
+    model = tiny()
+    original = copy.deepcopy(model)
+    report = lowrank.compress(model, ratio=0.5, progress=False)
+    row = next(r for r in report.layers if r.name == "down")
+    error = torch.linalg.vector_norm(model.down.weight - original.down.weight) / torch.linalg.vector_norm(
+        original.down.weight
+    )
+    assert abs(row.relative_error - float(error)) < 1e-12
+
+
+def test_planted_low_rank_layers_are_reproduced_exactly():
+    model = tiny()
+    with torch.no_grad():
+        model.up.weight.copy_(low_rank_matrix(64, 32, 4, seed=1))
+        model.down.weight.copy_(low_rank_matrix(32, 64, 4, seed=2))
+    dense = copy.deepcopy(model)
+    lowrank.compress(model, rank=4, include=["up", "down"], progress=False)
+    idx = torch.randint(0, 50, (3, 5), generator=generator(0))
+    torch.testing.assert_close(model(idx), dense(idx), rtol=1e-9, atol=1e-9)
+
+
+def test_optional_kinds_and_selection():
+    model = tiny()
+    report = lowrank.compress(model, ratio=0.5, embeddings=True, pointwise=True, exclude=["down"], progress=False)
+    assert isinstance(model.embed, LowRankEmbedding)
+    assert type(model.mix).__name__ == "SVDConv"
+    assert isinstance(model.down, nn.Linear)
+    assert "down" not in {row.name for row in report.layers}
+
+    model = tiny()
+    lowrank.compress(model, ratio=0.5, filter_fn=lambda name, m: isinstance(m, nn.Linear), progress=False)
+    assert isinstance(model.up, LowRankLinear) and isinstance(model.conv, nn.Conv1d)
+
+
+def test_method_names_and_dicts():
+    model = tiny()
+    lowrank.compress(model, ratio=0.5, method="cp", progress=False)
+    assert type(model.conv).__name__ == "CPConv" and isinstance(model.up, LowRankLinear)
+    model = tiny()
+    lowrank.compress(model, ratio=0.5, method={"conv": "svd-channel"}, progress=False)
+    assert type(model.conv).__name__ == "SVDConv"
+    with pytest.raises(ValueError, match="'qr'"):
+        lowrank.compress(tiny(), method="qr")
+    with pytest.raises(ValueError, match="method for linear layers must be one of"):
+        lowrank.compress(tiny(), method={"linear": "cp"})
+
+
+def test_break_even_leaves_layers_dense():
+    model = tiny()
+    report = lowrank.compress(model, rank=30, include=["up", "down"], progress=False)
+    # rank 30 on 64x32: 30 * 96 > 64 * 32 parameters
+    for row in report.layers:
+        assert not row.replaced and row.skip_reason.startswith("break-even")
+    assert isinstance(model.up, nn.Linear) and isinstance(model.down, nn.Linear)
+
+    report = lowrank.compress(tiny(), ratio=0.001, include=["up"], progress=False)
+    assert report.layers[0].skip_reason == "no rank >= 1 fits the ratio"
+
+
+def test_energy_policy_keeps_the_energy():
+    model = tiny()
+    spectrum = torch.linalg.svdvals(model.up.weight.detach())
+    report = lowrank.compress(model, energy=0.9, include=["up"], progress=False)
+    rank = report.layers[0].rank
+    kept = (spectrum[:rank] ** 2).sum() / (spectrum**2).sum()
+    assert kept >= 0.9 > (spectrum[: rank - 1] ** 2).sum() / (spectrum**2).sum()
+
+
+def test_a_failing_layer_leaves_the_model_unchanged():
+    model = tiny()
+    with torch.no_grad():
+        model.down.weight[3, 3] = float("nan")
+    before = copy.deepcopy(model)
+    with pytest.raises(RuntimeError, match="layer 'down'.*unchanged.*NaN"):
+        lowrank.compress(model, ratio=0.5, progress=False)
+    assert [type(m) for m in model.modules()] == [type(m) for m in before.modules()]
+    after = model.state_dict()
+    for key, value in before.state_dict().items():
+        assert torch.equal(after[key].nan_to_num(), value.nan_to_num()), key
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"ratio": 1.5}, "ratio must be a fraction in \\(0, 1\\), got 1.5"),
+        ({"ratio": 0.5, "rank": 3}, "one rank policy"),
+        ({"rank": 0}, "rank must be an int >= 1, got 0"),
+        ({"energy": 0.0}, "energy must be a fraction in \\(0, 1\\], got 0.0"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    model = tiny()
+    with pytest.raises(ValueError, match=message):
+        lowrank.compress(model, progress=False, **kwargs)
+    assert isinstance(model.up, nn.Linear)
+
+
+def test_half_precision_model():
+    model = tiny().to(torch.bfloat16)
+    lowrank.compress(model, ratio=0.5, progress=False)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model(torch.randint(0, 50, (1, 4))).dtype == torch.bfloat16
