@@ -41,6 +41,7 @@ def weight_error(dense: torch.nn.Module, approximations: dict[str, torch.Tensor]
     num = den = 0.0
     for name, approx in approximations.items():
         weight = dense.get_submodule(name).weight.detach().double()
+        approx = approx.detach()
         num += float(torch.sum((weight - approx.double()) ** 2))
         den += float(torch.sum(weight**2))
     return (num / den) ** 0.5
@@ -55,13 +56,15 @@ def main() -> None:
     torch.manual_seed(0)
     dense = lowrank.io.load_pretrained(checkpoint_dir())
     compressed = copy.deepcopy(dense)
-    report = lowrank.compress(compressed, ratio=args.ratio, progress=False)
+    encoder = ["encoder.*"]
+    report = lowrank.compress(compressed, ratio=args.ratio, include=encoder, progress=False)
     ranks = {row.name: row.rank for row in report.layers if row.replaced}
 
     copies = [copy.deepcopy(dense) for _ in range(args.repeats + 1)]
     times = alternate(
         {
-            "lowrank.compress": lambda: lowrank.compress(copies.pop(), ratio=args.ratio, progress=False),
+            "lowrank.compress": lambda: lowrank.compress(copies.pop(), ratio=args.ratio, include=encoder,
+                                                         progress=False),
             "torch.linalg.svd loop": lambda: naive_svd_loop(dense, ranks),
         },
         args.repeats,
@@ -91,7 +94,7 @@ def main() -> None:
         "| model | forward, batch 32 x 128 tokens | speed-up | target | parameters (whole model) |",
         "|---|---|---|---|---|",
         f"| dense MiniLM | {times['dense'] * 1e3:.1f} ms | 1.00x | | 100% |",
-        f"| lowrank.compress ratio {args.ratio} | {times['compressed'] * 1e3:.1f} ms | {speedup:.2f}x "
+        f"| lowrank.compress ratio {args.ratio}, encoder linears | {times['compressed'] * 1e3:.1f} ms | {speedup:.2f}x "
         f"| >= 1.75x ({'met' if speedup >= 1.75 else 'MISSED'}) | {kept:.1%} |",
     ])
     print("\n" + table2)

@@ -300,8 +300,10 @@ def _replace(
             f"at input {shape}"
         )
         return None, row
-    weight = _dense_weight(module).detach().double()
-    approx = factorized.dense_weight().detach().double()
+    # in the weight's own precision (float32 for half types): a report needs a few digits, not float64's
+    dtype = torch.promote_types(module.weight.dtype, torch.float32)
+    weight = _dense_weight(module).detach().to(dtype)
+    approx = factorized.dense_weight().detach().to(dtype)
     row.relative_error = float(torch.linalg.vector_norm(weight - approx) / torch.linalg.vector_norm(weight))
     row.rank = _reported_rank(factorized)
     row.params_after = factorized.num_params

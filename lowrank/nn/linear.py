@@ -29,6 +29,23 @@ def linear_weight(layer: nn.Module) -> torch.Tensor:
     raise TypeError(f"expected an nn.Linear or a Hugging Face Conv1D, got {type(layer).__name__}")
 
 
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dense_type: str = "Linear") -> nn.Module:
+    """An ``nn.Linear`` (or a Hugging Face ``Conv1D``) holding an ``(out, in)`` weight and a bias."""
+    out_features, in_features = weight.shape
+    if dense_type == "Conv1D":
+        from transformers.pytorch_utils import Conv1D
+
+        dense = Conv1D(out_features, in_features).to(weight)
+        weight = weight.T
+    else:
+        dense = nn.Linear(in_features, out_features, bias is not None, weight.device, weight.dtype)
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+        if bias is not None:
+            dense.bias.copy_(bias)
+    return dense
+
+
 class LowRankLinear(FactorizedModule):
     """A linear layer ``y = x W^T + b`` whose weight is ``W = second @ first``.
 
@@ -148,22 +165,7 @@ class LowRankLinear(FactorizedModule):
 
     def to_dense(self) -> nn.Module:
         """An ``nn.Linear`` (or ``Conv1D``) with the product of the factors as weight."""
-        weight = self.weight.detach()
-        if self.dense_type == "Conv1D":
-            from transformers.pytorch_utils import Conv1D
-
-            dense = Conv1D(self.out_features, self.in_features).to(weight)
-            with torch.no_grad():
-                dense.weight.copy_(weight.T)
-                if self.bias is not None:
-                    dense.bias.copy_(self.bias)
-            return dense
-        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None, weight.device, weight.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(weight)
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        return dense_linear(self.weight.detach(), self.bias, self.dense_type)
 
     def config(self) -> dict[str, Any]:
         """``in_features``, ``out_features``, ``rank``, ``bias`` and ``dense_type``."""

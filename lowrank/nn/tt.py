@@ -14,7 +14,7 @@ from torch import nn
 from lowrank.decompose import TTMatrix, tt_matrix
 from lowrank.decompose.tt import tt_bounds
 from lowrank.nn.base import FactorizedModule
-from lowrank.nn.linear import LINEAR_TYPES, is_hf_conv1d, linear_weight
+from lowrank.nn.linear import LINEAR_TYPES, dense_linear, is_hf_conv1d, linear_weight
 
 
 def balanced_factorization(n: int, d: int) -> tuple[int, ...]:
@@ -518,19 +518,7 @@ class TTLinear(FactorizedModule):
 
     def to_dense(self) -> nn.Module:
         """An ``nn.Linear`` (or ``Conv1D``) with the rebuilt weight and the bias."""
-        weight = self.weight.detach()
-        if self.dense_type == "Conv1D":
-            from transformers.pytorch_utils import Conv1D
-
-            dense = Conv1D(self.out_features, self.in_features).to(weight)
-            weight = weight.T
-        else:
-            dense = nn.Linear(self.in_features, self.out_features, self.bias is not None, weight.device, weight.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(weight)
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense
+        return dense_linear(self.weight.detach(), self.bias, self.dense_type)
 
     def config(self) -> dict[str, Any]:
         """``in_shape``, ``out_shape``, ``rank`` (the ``d - 1`` internal ranks), ``bias`` and ``dense_type``."""
