@@ -193,3 +193,14 @@ def test_random_gaussian_tensor_agrees_with_tensorly(tl_torch):
     theirs = _tl_error(tl_torch, core, factors, x)
     ours = tucker(x, 3, stop_tol=1e-10, n_iter_max=200).relative_error(x)
     assert abs(ours - theirs) <= 0.01 * theirs, (ours, theirs)
+
+
+def test_relative_stopping_rule_trades_little_error_for_many_sweeps():
+    # far from low rank, HOOI keeps gaining a little per sweep; stop_rtol stops it once a sweep
+    # gains under 0.1% of the error, which must leave the error within 1% of running on
+    x = torch.randn(64, 64, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    default = tucker(x, (16, 16), modes=(0, 1)).relative_error(x)
+    longer = tucker(x, (16, 16), modes=(0, 1), stop_rtol=0.0, stop_tol=1e-7, n_iter_max=500).relative_error(x)
+    hosvd = tucker(x, (16, 16), modes=(0, 1), method="hosvd").relative_error(x)
+    assert longer <= default < hosvd
+    assert default <= 1.01 * longer

@@ -128,6 +128,7 @@ def _hooi(
     start_error: float,
     n_iter_max: int,
     stop_tol: float,
+    stop_rtol: float,
     pivot: int,
     head: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -140,8 +141,8 @@ def _hooi(
     over the first one), and ``pivot`` last, so a sweep reads the full tensor
     twice whatever the number of modes, and the first sweep once. Stops when the
     relative error changes by less than ``stop_tol`` between sweeps (tensorly's
-    criterion; the first sweep is compared with ``start_error``) or after
-    ``n_iter_max`` sweeps.
+    criterion) or by less than ``stop_rtol`` times its value (the first sweep is
+    compared with ``start_error``), or after ``n_iter_max`` sweeps.
     """
     previous = start_error
     others = sorted(m for m in factors if m != pivot)
@@ -157,7 +158,7 @@ def _hooi(
         core = mode_product(partial, factors[pivot].T, pivot)
         head = None
         error = _relative_error(core, sq_norm)
-        if abs(previous - error) < stop_tol:
+        if abs(previous - error) < max(stop_tol, stop_rtol * error):
             break
         previous = error
     return core, factors
@@ -173,6 +174,7 @@ def tucker(
     init: str = "svd",
     n_iter_max: int = 100,
     stop_tol: float = 1e-4,
+    stop_rtol: float = 1e-3,
     subspace: str = "auto",
     n_oversamples: int = 10,
     seed: int | None = 0,
@@ -202,7 +204,13 @@ def tucker(
     n_iter_max : int
         Largest number of HOOI sweeps.
     stop_tol : float
-        HOOI stops when the relative error changes by less than this between sweeps.
+        HOOI stops when the relative error changes by less than this between
+        sweeps (tensorly's criterion and default).
+    stop_rtol : float
+        HOOI also stops when the relative error changes by less than this
+        fraction of its value: far from low rank, HOOI creeps on for dozens of
+        sweeps that each gain under 0.1% of the error. ``stop_rtol=0`` leaves
+        tensorly's criterion alone.
     subspace : {"auto", "gram", "randomized"}
         How ST-HOSVD finds each mode's subspace: eigenvectors of the unfolding's
         Gram matrix, or (for a mode whose rank plus ``n_oversamples`` is at most a
@@ -241,6 +249,7 @@ def tucker(
     tol = check_tol(tol)
     n_iter_max = check_positive_int(n_iter_max, "n_iter_max")
     stop_tol = check_nonnegative(stop_tol, "stop_tol")
+    stop_rtol = check_nonnegative(stop_rtol, "stop_rtol")
     n_oversamples = check_positive_int(n_oversamples, "n_oversamples", minimum=0)
     if rank is None and tol is None:
         raise ValueError("tucker needs rank= (an int or one int per mode) or tol= (a relative error in (0, 1))")
@@ -273,6 +282,6 @@ def tucker(
         }
         core, start_error, pivot, head = _project_except(work, factors, None), math.inf, inner_modes[-1], None
     if method == "hooi" and sq_norm > 0:
-        core, factors = _hooi(work, factors, sq_norm, start_error, n_iter_max, stop_tol, pivot, head)
+        core, factors = _hooi(work, factors, sq_norm, start_error, n_iter_max, stop_tol, stop_rtol, pivot, head)
     core = core.permute(*[(kept + list(modes)).index(m) for m in range(x.ndim)])
     return Tucker((core * scale).to(x.dtype).contiguous(), tuple(factors[m].to(x.dtype) for m in inner_modes), modes)
