@@ -17,8 +17,19 @@ from collections.abc import Callable
 from typing import Any
 
 from lowrank.decompose.cp import cp
-from lowrank.decompose.factorizations import CP, SVD, TR, TT, Factorization, TTMatrix, Tucker
+from lowrank.decompose.factorizations import (
+    CP,
+    SVD,
+    TR,
+    TT,
+    Factorization,
+    SearchStep,
+    TensorNetwork,
+    TTMatrix,
+    Tucker,
+)
 from lowrank.decompose.svd import svd
+from lowrank.decompose.tn import tn
 from lowrank.decompose.tr import tr
 from lowrank.decompose.tt import tt, tt_matrix, tt_round
 from lowrank.decompose.tucker import tucker
@@ -30,6 +41,7 @@ METHODS: dict[str, Callable[..., Factorization]] = {
     "tt": tt,
     "tt_matrix": tt_matrix,
     "tr": tr,
+    "tn": tn,
 }
 
 
@@ -40,9 +52,10 @@ def decompose(x: Any, method: str, /, *args: Any, **options: Any) -> Factorizati
     ----------
     x : torch.Tensor or numpy.ndarray
         The tensor (a matrix for ``"svd"`` and ``"tt_matrix"``).
-    method : {"svd", "tucker", "cp", "tt", "tt_matrix", "tr"}
+    method : {"svd", "tucker", "cp", "tt", "tt_matrix", "tr", "tn"}
         The decomposition; see :func:`svd`, :func:`tucker`, :func:`cp`,
-        :func:`tt`, :func:`tt_matrix` and :func:`tr` for the options of each.
+        :func:`tt`, :func:`tt_matrix`, :func:`tr` and :func:`tn` (structure
+        search) for the options of each.
     *args, **options
         Passed on to that function (``rank=``, ``tol=``, ...). ``x`` and
         ``method`` are positional-only, so a method's own ``method=`` option
@@ -83,11 +96,14 @@ __all__ = [
     "TR",
     "TT",
     "Factorization",
+    "SearchStep",
     "TTMatrix",
+    "TensorNetwork",
     "Tucker",
     "cp",
     "decompose",
     "svd",
+    "tn",
     "tr",
     "tt",
     "tt_matrix",

@@ -7,10 +7,13 @@ ranks (``ranks``), in the spirit of tensorly's ``CPTensor`` / ``TuckerTensor``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import opt_einsum
 import torch
 
 from lowrank.decompose._linalg import mode_product
@@ -357,3 +360,104 @@ def _check_chain(cores: Sequence[torch.Tensor], *, closed: bool, core_ndim: int)
         raise ValueError(
             f"a train's boundary ranks must be 1, got {cores[0].shape[0]} and {cores[-1].shape[-1]}"
         )
+
+
+def network_subscripts(ndim: int) -> tuple[list[str], str]:
+    """Einsum subscripts of a fully connected network over ``ndim`` modes.
+
+    Core ``k`` carries the physical index of mode ``k`` at position ``k`` and,
+    at every position ``j != k``, the bond it shares with core ``j``. Returns
+    the subscripts of the cores and of the dense output.
+    """
+    physical = [opt_einsum.get_symbol(k) for k in range(ndim)]
+    bond = {}
+    for i in range(ndim):
+        for j in range(i + 1, ndim):
+            bond[i, j] = bond[j, i] = opt_einsum.get_symbol(ndim + len(bond) // 2)
+    cores = ["".join(physical[k] if j == k else bond[k, j] for j in range(ndim)) for k in range(ndim)]
+    return cores, "".join(physical)
+
+
+@functools.lru_cache(maxsize=256)
+def network_expression(equation: str, *shapes: tuple[int, ...]) -> Any:
+    """An ``opt_einsum`` contraction expression for ``equation`` on operands of ``shapes``, its path found once.
+
+    The greedy path search takes microseconds where an optimal one takes tens of milliseconds for the eight
+    or more operands of a network, and a structure search meets a new set of shapes at every candidate.
+    """
+    return opt_einsum.contract_expression(equation, *shapes, optimize="greedy")
+
+
+@dataclass(frozen=True)
+class SearchStep:
+    """One accepted step of a structure search: the network's ranks, parameters and relative error after it."""
+
+    ranks: tuple[tuple[int, ...], ...]
+    params: int
+    error: float
+    seconds: float
+
+
+@dataclass(frozen=True, repr=False)
+class TensorNetwork(Factorization):
+    """A tensor network with one core per mode, any pair of cores joined by a bond.
+
+    Core ``k`` has ``N`` dimensions: dimension ``k`` is the physical mode
+    ``n_k``, dimension ``j != k`` the bond to core ``j``, whose size is the
+    rank of edge ``(k, j)``; rank 1 means no edge. A tensor train is the
+    network whose only bonds join neighbours, a tensor ring adds the closing
+    bond, and a fully connected network (FCTN) has them all.
+
+    Attributes
+    ----------
+    cores : tuple of torch.Tensor
+        ``N`` cores of ``N`` dimensions each.
+    log : tuple of SearchStep
+        The structure search that produced the network (empty if none did).
+    """
+
+    cores: tuple[torch.Tensor, ...]
+    log: tuple[SearchStep, ...] = ()
+
+    def __post_init__(self) -> None:
+        ndim = len(self.cores)
+        for k, core in enumerate(self.cores):
+            if core.ndim != ndim:
+                raise ValueError(f"core {k} must have {ndim} dimensions (one per core), got shape {tuple(core.shape)}")
+        for i in range(ndim):
+            for j in range(i + 1, ndim):
+                if self.cores[i].shape[j] != self.cores[j].shape[i]:
+                    raise ValueError(
+                        f"the bond between cores {i} and {j} has size {self.cores[i].shape[j]} in core {i} "
+                        f"but {self.cores[j].shape[i]} in core {j}"
+                    )
+
+    def to_tensor(self) -> torch.Tensor:
+        """Contract the network (the path is found once per shape and cached)."""
+        inputs, output = network_subscripts(len(self.cores))
+        equation = ",".join(inputs) + "->" + output
+        return network_expression(equation, *(tuple(c.shape) for c in self.cores))(*self.cores, backend="torch")
+
+    @property
+    def factor_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The cores."""
+        return self.cores
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the represented tensor."""
+        return tuple(core.shape[k] for k, core in enumerate(self.cores))
+
+    @property
+    def ranks(self) -> tuple[tuple[int, ...], ...]:
+        """The symmetric rank matrix: entry ``(i, j)`` is the bond size between cores ``i`` and ``j``.
+
+        The diagonal holds the mode sizes.
+        """
+        return tuple(tuple(core.shape) for core in self.cores)
+
+    @property
+    def edges(self) -> tuple[tuple[int, int], ...]:
+        """The pairs ``(i, j)``, ``i < j``, joined by a bond of rank above 1."""
+        ndim = len(self.cores)
+        return tuple((i, j) for i in range(ndim) for j in range(i + 1, ndim) if self.cores[i].shape[j] > 1)
