@@ -8,7 +8,7 @@ from conftest import generator, planted_tt, randn, rel_err
 
 import lowrank
 from lowrank.decompose import TensorNetwork, tn
-from lowrank.decompose.tn import als, als_update, environment, grow
+from lowrank.decompose.tn import als, als_update, environment, grow, rest_of_pair
 
 F64 = torch.float64
 
@@ -85,10 +85,15 @@ def test_als_update_matches_a_float64_least_squares_reference():
     assert abs(float(torch.sum(x**2)) + offset - sq_error) < 1e-8 * float(torch.sum(x**2))
 
 
-def test_environment_rows_are_core_bonds():
+def test_environment_rows_are_core_bonds_and_the_shared_rest_gives_the_same():
     cores = random_network((4, 5, 6), {(0, 1): 2, (1, 2): 3}, seed=3)
     env = environment(cores, 1)
     assert env.shape == (2 * 3, 4 * 6)
+    cores = random_network((3, 4, 5, 3, 4), TRIANGLE_CHAIN, seed=4)
+    for i, j in [(0, 1), (2, 3), (1, 4), (4, 0)]:
+        rest = rest_of_pair(cores, i, j)
+        torch.testing.assert_close(environment(cores, i, j, rest), environment(cores, i), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(environment(cores, j, i, rest), environment(cores, j), rtol=1e-12, atol=1e-12)
 
 
 def test_growing_a_bond_leaves_the_network_unchanged_and_als_never_raises_the_error():

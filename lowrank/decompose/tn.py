@@ -21,31 +21,70 @@ from lowrank.decompose._linalg import leading_left_subspace, unfold
 from lowrank.decompose.factorizations import SearchStep, TensorNetwork, network_expression, network_subscripts
 
 
-def environment(cores: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+def environment(cores: Sequence[torch.Tensor], k: int, partner: int | None = None,
+                rest: torch.Tensor | None = None) -> torch.Tensor:
     """Contract every core but ``k`` into a matrix ``(bonds of core k, physical modes of the others)``.
 
     Rows run over core ``k``'s bonds in the order of its dimensions, columns
     over the other modes in increasing order, as in the mode-``k`` unfolding.
+    With ``rest`` (:func:`rest_of_pair` of ``k`` and ``partner``), only the
+    partner's core is contracted with it.
     """
     ndim = len(cores)
     inputs, output = network_subscripts(ndim)
     others = [i for i in range(ndim) if i != k]
     result = "".join(inputs[k][j] for j in others) + "".join(output[j] for j in others)
-    equation = ",".join(inputs[i] for i in others) + "->" + result
-    env = network_expression(equation, *(tuple(cores[i].shape) for i in others))(
-        *(cores[i] for i in others), backend="torch"
-    )
+    if rest is None:
+        operands = [cores[i] for i in others]
+        subscripts = [inputs[i] for i in others]
+    else:
+        operands = [rest, cores[partner]]
+        subscripts = [_rest_subscripts(ndim, k, partner), inputs[partner]]
+    equation = ",".join(subscripts) + "->" + result
+    env = network_expression(equation, *(tuple(op.shape) for op in operands))(*operands, backend="torch")
     return env.reshape(math.prod(cores[k].shape[j] for j in others), -1)
 
 
+def _rest_subscripts(ndim: int, i: int, j: int) -> str:
+    """Indices of :func:`rest_of_pair`: the bonds of ``i``, then of ``j``, to the others, then their modes."""
+    inputs, output = network_subscripts(ndim)
+    others = [m for m in range(ndim) if m not in (i, j)]
+    first, second = min(i, j), max(i, j)
+    return (
+        "".join(inputs[first][m] for m in others)
+        + "".join(inputs[second][m] for m in others)
+        + "".join(output[m] for m in others)
+    )
+
+
+def rest_of_pair(cores: Sequence[torch.Tensor], i: int, j: int) -> torch.Tensor:
+    """Contract every core but ``i`` and ``j``: what both their environments share.
+
+    A structure search scores a bond by refitting the two cores it joins; the
+    other cores do not change meanwhile, so this contraction is done once.
+    """
+    ndim = len(cores)
+    inputs, _ = network_subscripts(ndim)
+    others = [m for m in range(ndim) if m not in (i, j)]
+    equation = ",".join(inputs[m] for m in others) + "->" + _rest_subscripts(ndim, i, j)
+    operands = [cores[m] for m in others]
+    return network_expression(equation, *(tuple(op.shape) for op in operands))(*operands, backend="torch")
+
+
 def als_update(
-    target_unfolding: torch.Tensor, cores: list[torch.Tensor], k: int, ridge: float
+    target_unfolding: torch.Tensor,
+    cores: list[torch.Tensor],
+    k: int,
+    ridge: float,
+    partner: int | None = None,
+    rest: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """The least-squares core ``k`` given all others, and the squared error it leaves.
 
     Solves ``min ||X_(k) - G M||² + ridge * trace(M Mᵀ) / R * ||G||²`` through
     the normal equations in float64, where ``X_(k)`` is the mode-``k`` unfolding
-    of the target and ``M`` the :func:`environment` of core ``k``.
+    of the target and ``M`` the :func:`environment` of core ``k`` (from
+    ``rest``, the contraction of all cores but ``k`` and ``partner``, if given).
 
     Returns
     -------
@@ -55,7 +94,7 @@ def als_update(
         ``||X_(k) - G M||²`` minus ``||X||²`` (add the target's squared norm to get the error).
 
     """
-    env = environment(cores, k).double()
+    env = environment(cores, k, partner, rest).double()
     gram = env @ env.T
     rhs = target_unfolding.double() @ env.T
     shift = ridge * float(torch.trace(gram)) / gram.shape[0] + 1e-300
@@ -90,7 +129,8 @@ def als(
     n_sweeps : int
         Largest number of sweeps over ``modes``.
     modes : sequence of int, optional
-        The cores to update (all by default).
+        The cores to update (all by default). Two modes are fitted from the
+        contraction of the other cores, done once.
     stop_rtol : float
         Stop when a sweep lowers the error by less than this fraction of it.
     ridge : float
@@ -99,11 +139,14 @@ def als(
     """
     modes = range(len(cores)) if modes is None else modes
     unfoldings = {k: unfold(target, k) for k in modes}
+    pair = len(modes) == 2 and len(cores) > 2
+    rest = rest_of_pair(cores, *modes) if pair else None
     previous = math.inf
     error = math.inf
     for _ in range(n_sweeps):
         for k in modes:
-            cores[k], offset = als_update(unfoldings[k], cores, k, ridge)
+            partner = (modes[1] if k == modes[0] else modes[0]) if pair else None
+            cores[k], offset = als_update(unfoldings[k], cores, k, ridge, partner, rest)
         error = math.sqrt(max(sq_norm + offset, 0.0) / sq_norm) if sq_norm > 0 else 0.0
         if previous - error <= stop_rtol * error:
             break
