@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     com.add_argument("--targets", nargs="+", metavar="GLOB", help="only layers whose names match these globs")
     com.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="never layers matching these globs")
-    com.add_argument("--embeddings", action="store_true", help="also compress embedding tables")
+    com.add_argument(
+        "--kinds", nargs="+", default=["linear", "conv"], choices=["linear", "conv", "pointwise", "embedding"],
+        help="layer kinds to compress (default: linear conv)",
+    )
     com.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     com.add_argument("--quiet", action="store_true", help="no progress bar and no report table")
 
@@ -98,7 +101,7 @@ def _compress(args: argparse.Namespace) -> int:
     model = lowrank.io.load_pretrained(args.source)
     report = lowrank.compress(
         model, args.ratio, rank=args.rank, energy=args.energy, method=_parse_method(args.method),
-        include=args.targets, exclude=args.exclude, embeddings=args.embeddings, progress=not args.quiet,
+        include=args.targets, exclude=args.exclude, kinds=args.kinds, progress=not args.quiet,
     )
     lowrank.save(model, args.output, report=report, overwrite=args.overwrite)
     if not args.quiet:

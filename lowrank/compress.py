@@ -325,8 +325,7 @@ def compress(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
-    embeddings: bool = False,
-    pointwise: bool = False,
+    kinds: Sequence[str] = ("linear", "conv"),
     progress: bool = True,
 ) -> CompressionReport:
     """Replace a model's layers by factorized ones, in place.
@@ -369,11 +368,11 @@ def compress(
         Glob patterns of module names never targeted.
     filter_fn : callable, optional
         ``filter_fn(name, module) -> bool``; only layers for which it is true are targeted.
-    embeddings : bool
-        Also target ``nn.Embedding`` tables (compared on parameters only: a
-        dense lookup does no arithmetic).
-    pointwise : bool
-        Also target 1×1 convolutions.
+    kinds : sequence of str
+        The layer kinds targeted: ``"linear"`` (``nn.Linear``, Hugging Face
+        ``Conv1D``), ``"conv"`` (kernel larger than 1), ``"pointwise"`` (1×1
+        convolutions) and ``"embedding"`` (``nn.Embedding``, compared on
+        parameters only: a dense lookup does no arithmetic).
     progress : bool
         Show a progress bar over the targeted layers.
 
@@ -404,14 +403,17 @@ def compress(
     if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1):
         raise ValueError(f"energy must be a fraction in (0, 1], got {energy!r}")
     policy = {"ratio": ratio, "rank": rank, "energy": energy}
-    kinds = {"linear", "conv"} | ({"embedding"} if embeddings else set()) | ({"pointwise"} if pointwise else set())
+    unknown = set(kinds) - set(METHODS)
+    if unknown or isinstance(kinds, str):
+        raise ValueError(f"kinds must be a sequence of layer kinds among {tuple(METHODS)}; got {kinds!r}")
+    kinds = set(kinds)
     methods = _resolve_methods(method, kinds)
 
     heads = _output_heads(model)
     targets, report = [], CompressionReport(settings={
         "ratio": ratio, "rank": rank, "energy": energy, "method": methods,
         "include": list(include) if include is not None else None, "exclude": list(exclude),
-        "embeddings": embeddings, "pointwise": pointwise,
+        "kinds": sorted(kinds),
     })
     for name, module in model.named_modules():
         kind = layer_kind(module)

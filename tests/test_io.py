@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 def compressed_tiny():
     model = tiny()
-    report = lowrank.compress(model, ratio=0.5, embeddings=True, pointwise=True, progress=False)
+    report = lowrank.compress(model, ratio=0.5, kinds=("linear", "conv", "embedding", "pointwise"),
+                              progress=False)
     return model.eval(), report
 
 
