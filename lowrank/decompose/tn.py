@@ -220,7 +220,8 @@ def tn(
     max_steps : int
         Largest number of accepted bond increments.
     time_limit : float, optional
-        Seconds after which no new step starts.
+        Seconds after which the search stops; a step under way when it
+        expires is dropped, so the search overruns by at most one candidate fit.
     n_sweeps, candidate_sweeps : int
         ALS sweeps after each accepted step and for scoring each candidate.
     seed : int or None
@@ -266,12 +267,16 @@ def tn(
     error = als(work, cores, sq_norm, n_sweeps) if sq_norm > 0 else 0.0
     log = [_step(cores, error, start)]
     pairs = [(i, j) for i in range(x.ndim) for j in range(i + 1, x.ndim)]
+    deadline = math.inf if time_limit is None else start + time_limit
     for _ in range(max_steps):
-        if (tol is not None and error <= tol) or (time_limit is not None and time.perf_counter() - start > time_limit):
+        if (tol is not None and error <= tol) or time.perf_counter() > deadline:
             break
         params = sum(c.numel() for c in cores)
         best, best_gain = None, 0.0
         for i, j in pairs:
+            if time.perf_counter() > deadline:
+                best = None  # a step cut short compares too few bonds to be trusted
+                break
             if cores[i].shape[j] >= bond_bound(cores, i, j):
                 continue
             added = cores[i].numel() // cores[i].shape[j] + cores[j].numel() // cores[j].shape[i]
