@@ -28,8 +28,9 @@ def digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tor
     return images[order[:cut]], labels[order[:cut]], images[order[cut:]], labels[order[cut:]]
 
 
-def make_cnn(width: int = 64) -> nn.Sequential:
-    """Three 3x3 convolutions and a linear classifier."""
+def make_cnn(width: int = 64, seed: int = 0) -> nn.Sequential:
+    """Three 3x3 convolutions and a linear classifier, initialised from ``seed``."""
+    torch.manual_seed(seed)
     return nn.Sequential(
         nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
         nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
