@@ -12,16 +12,12 @@ machine load, and reports median times, relative errors and the speed ratio.
 from __future__ import annotations
 
 import argparse
-import datetime
-import statistics
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import tensorly as tl
 import torch
+from _timing import alternate, record
 from tensorly.decomposition import parafac, partial_tucker, tensor_train
 from tensorly.decomposition import tucker as tl_tucker
 
@@ -117,21 +113,14 @@ def cases(quick: bool) -> list[Case]:
 
 
 def measure(case: Case) -> dict[str, float]:
-    """Median seconds and relative error of both sides, alternating them on every repeat.
+    """Median seconds of both sides (alternating, after a warm-up) and the relative error of each result.
 
-    Only the decomposition is timed; rebuilding the dense tensor to measure the error is not.
+    Only the decompositions are timed; rebuilding the dense tensors to measure the errors is not.
     """
-    times: dict[str, list[float]] = {"anchor": [], "ours": []}
-    errors = {}
-    for _ in range(case.repeats):
-        for side in ("anchor", "ours"):
-            start = time.perf_counter()
-            result = getattr(case, side)()
-            times[side].append(time.perf_counter() - start)
-            errors[side] = relative_error(case.x, getattr(case, side + "_dense")(result))
-    anchor_t, ours_t = statistics.median(times["anchor"]), statistics.median(times["ours"])
-    return {"anchor_t": anchor_t, "ours_t": ours_t, "anchor_e": errors["anchor"], "ours_e": errors["ours"],
-            "speedup": anchor_t / ours_t}
+    times = alternate({"anchor": case.anchor, "ours": case.ours}, case.repeats)
+    errors = {side: relative_error(case.x, getattr(case, side + "_dense")(getattr(case, side)())) for side in times}
+    return {"anchor_t": times["anchor"], "ours_t": times["ours"], "anchor_e": errors["anchor"],
+            "ours_e": errors["ours"], "speedup": times["anchor"] / times["ours"]}
 
 
 def main() -> None:
@@ -146,8 +135,6 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for case in cases(args.quick):
-        # Untimed warm-up of both sides (first-call allocations, MKL set-up).
-        case.anchor(), case.ours()
         r = measure(case)
         met = "met" if r["speedup"] >= case.target_speedup and r["ours_e"] <= 1.01 * r["anchor_e"] else "MISSED"
         rows.append(
@@ -159,18 +146,9 @@ def main() -> None:
     table = "\n".join(rows)
     print("\n" + table)
     if args.record:
-        command = "python " + " ".join(sys.argv)
-        header = (
-            f"\n## decompose, {datetime.date.today().isoformat()}\n\n"
-            f"Command: `{command}` (torch {torch.__version__}, {torch.get_num_threads()} threads, tensorly "
-            f"{tl.__version__}). Medians of alternating repeats in one process; errors are relative Frobenius "
-            "errors; 'met' needs the speed-up and an error at most 1% above the anchor's.\n\n"
-        )
-        path = Path(__file__).with_name("RESULTS.md")
-        if not path.exists():
-            path.write_text("# Benchmark results\n\nEach table: date, command, and what was measured.\n")
-        with path.open("a") as handle:
-            handle.write(header + table + "\n")
+        record("decompose", table, f"tensorly {tl.__version__}. Medians of alternating repeats in one process; "
+               "errors are relative Frobenius errors; 'met' needs the speed-up and an error at most 1% above the "
+               "anchor's.")
 
 
 if __name__ == "__main__":

@@ -66,12 +66,10 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int | str, di
 
 def conv_output_shape(conv: nn.modules.conv._ConvNd, spatial: tuple[int, ...]) -> tuple[int, ...]:
     """Spatial output shape of ``conv`` on an input of spatial shape ``spatial``."""
-    padding = conv.padding if isinstance(conv.padding, str) else None
+    paddings = [conv.padding] * len(spatial) if isinstance(conv.padding, str) else conv.padding
     return tuple(
-        conv_output_size(n, k, s, padding or p, d)
-        for n, k, s, p, d in zip(
-            spatial, conv.kernel_size, conv.stride, conv.padding if padding is None else spatial, conv.dilation
-        )
+        conv_output_size(n, k, s, p, d)
+        for n, k, s, p, d in zip(spatial, conv.kernel_size, conv.stride, paddings, conv.dilation)
     )
 
 
