@@ -269,17 +269,12 @@ def _probe_shape(module: nn.Module, kind: str) -> tuple[int, ...]:
     return (1, linear_weight(module).shape[1])
 
 
-def _dense_weight(module: nn.Module) -> torch.Tensor:
-    """A dense layer's weight in the layout its factorized replacement's ``to_dense()`` produces."""
-    return module.weight.T if is_hf_conv1d(module) else module.weight
-
-
 def _replace(
     name: str, module: nn.Module, kind: str, method: str, policy: dict[str, Any]
 ) -> tuple[FactorizedModule | None, LayerReport]:
     """Factorize one layer under the rank ``policy``; return the replacement (None when skipped) and its row."""
     params = sum(p.numel() for p in module.parameters())
-    row = LayerReport(name, type(module).__name__, tuple(_dense_weight(module).shape), method,
+    row = LayerReport(name, type(module).__name__, tuple(module.weight.shape), method,
                       None, params, params, None)
     try:
         rank = row.rank = _choose_rank(module, kind, method, **policy)
@@ -302,7 +297,8 @@ def _replace(
         return None, row
     # in the weight's own precision (float32 for half types): a report needs a few digits, not float64's
     dtype = torch.promote_types(module.weight.dtype, torch.float32)
-    weight = _dense_weight(module).detach().to(dtype)
+    # both in the dense layer's own layout (``(in, out)`` for a Hugging Face Conv1D)
+    weight = module.weight.detach().to(dtype)
     approx = factorized.dense_weight().detach().to(dtype)
     row.relative_error = float(torch.linalg.vector_norm(weight - approx) / torch.linalg.vector_norm(weight))
     row.rank = _reported_rank(factorized)
@@ -423,7 +419,7 @@ def compress(
             continue
         if id(module) in heads:
             params = sum(p.numel() for p in module.parameters())
-            report.layers.append(LayerReport(name, type(module).__name__, tuple(_dense_weight(module).shape), None,
+            report.layers.append(LayerReport(name, type(module).__name__, tuple(module.weight.shape), None,
                                              None, params, params, None, "output head"))
             continue
         targets.append((name, module, kind))

@@ -189,3 +189,20 @@ def test_kinds_select_layer_types():
     assert isinstance(model.up, nn.Linear) and isinstance(model.conv, Tucker2Conv)
     with pytest.raises(ValueError, match="kinds must be a sequence of layer kinds"):
         lowrank.compress(tiny(), kinds=["attention"])
+
+
+def test_hugging_face_conv1d_layers_are_compressed():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(48, 32), nn.ReLU(), nn.Linear(48, 8)).double()  # Conv1D(nf=out, nx=in)
+    dense = copy.deepcopy(model)
+    report = lowrank.compress(model, ratio=0.5, progress=False)
+    row = report.layers[0]
+    assert row.replaced and row.type == "Conv1D" and row.shape == (32, 48)  # the layer's own (in, out) weight
+    expected = torch.linalg.vector_norm(model[0].to_dense().weight - dense[0].weight) / torch.linalg.vector_norm(
+        dense[0].weight
+    )
+    assert abs(row.relative_error - float(expected.detach())) < 1e-12
+    x = torch.randn(5, 32, dtype=F64, generator=generator(1))
+    torch.testing.assert_close(model(x), model[2](torch.relu(model[0].to_dense()(x))))
