@@ -23,6 +23,7 @@ from lowrank.nn import (
     LowRankEmbedding,
     LowRankLinear,
     SVDConv,
+    TNLinear,
     TTLinear,
     Tucker2Conv,
     UnsupportedLayerError,
@@ -39,11 +40,16 @@ from lowrank.rank import energy_rank
 
 # The layer kinds compress() tells apart, and the methods each accepts (the first is "auto").
 METHODS: dict[str, tuple[str, ...]] = {
-    "linear": ("svd", "tt"),
+    "linear": ("svd", "tt", "tn"),
     "conv": ("tucker2", "cp", "svd-channel", "svd-spatial"),
     "pointwise": ("svd-channel",),
     "embedding": ("svd",),
 }
+# The relative rank increment of the structure search behind method "tn" (see lowrank.decompose.tn): one
+# rank at a time would take hundreds of steps to fill the budget of a transformer-sized layer. The search
+# stops growing at TN_TOL, a relative error below which a float32 weight is held as well as it can be.
+TN_GROWTH = 0.5
+TN_TOL = 1e-6
 # The spatial size (per dimension) at which convolution FLOPs are compared for the break-even rule.
 BREAK_EVEN_SPATIAL = 32
 
@@ -229,6 +235,8 @@ def _choose_rank(
         if rank is not None:
             return (min(rank, out_group), min(rank, in_group))
         return (energy_rank(_unfolding_spectra(weight, 0), energy), energy_rank(_unfolding_spectra(weight, 1), energy))
+    if method == "tn":
+        return math.floor(ratio * weight.numel())
     if energy is not None:
         if method in ("cp", "tt", "svd-spatial"):
             raise ValueError(f"energy= picks ranks from singular values, which method {method!r} has none of")
@@ -255,6 +263,8 @@ def _factorize(module: nn.Module, kind: str, method: str, rank: int | tuple[int,
         return SVDConv.from_dense(module, rank, scheme=method.removeprefix("svd-"))
     if method == "tt":
         return TTLinear.from_dense(module, rank=rank)
+    if method == "tn":
+        return TNLinear.from_dense(module, max_params=rank, tol=TN_TOL, growth=TN_GROWTH)
     if kind == "embedding":
         return LowRankEmbedding.from_dense(module, rank)
     return LowRankLinear.from_dense(module, rank)
@@ -307,7 +317,11 @@ def _replace(
 
 
 def _reported_rank(module: FactorizedModule) -> int | tuple[int, ...]:
-    rank = module.config().get("rank", module.config().get("ranks"))
+    """The rank a report shows: the module's rank(s), or a tensor network's bond ranks."""
+    config = module.config()
+    if "bonds" in config:
+        return tuple(rank for _, _, rank in config["bonds"])
+    rank = config.get("rank", config.get("ranks"))
     return tuple(rank) if isinstance(rank, list) else rank
 
 
@@ -355,7 +369,8 @@ def compress(
         ``"auto"`` (low-rank SVD for linear layers and embeddings, Tucker-2 for
         k×k convolutions, a channel SVD for 1×1 convolutions); one method name,
         applied to every targeted kind that supports it (linear: ``"svd"``,
-        ``"tt"``; conv: ``"tucker2"``, ``"cp"``, ``"svd-channel"``,
+        ``"tt"``, ``"tn"`` (a tensor network of searched structure, within
+        the ``ratio`` budget); conv: ``"tucker2"``, ``"cp"``, ``"svd-channel"``,
         ``"svd-spatial"``); or a dict ``{kind: method}`` with kinds ``"linear"``,
         ``"conv"``, ``"pointwise"`` and ``"embedding"``.
     include : sequence of str, optional
@@ -404,6 +419,8 @@ def compress(
         raise ValueError(f"kinds must be a sequence of layer kinds among {tuple(METHODS)}; got {kinds!r}")
     kinds = set(kinds)
     methods = _resolve_methods(method, kinds)
+    if ratio is None and any(methods[kind] == "tn" for kind in kinds):
+        raise ValueError("method 'tn' searches a network within a parameter budget: give ratio=, not rank=/energy=")
 
     heads = _output_heads(model)
     targets, report = [], CompressionReport(settings={

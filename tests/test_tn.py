@@ -4,10 +4,10 @@ import string
 
 import pytest
 import torch
-from conftest import generator, planted_tt, randn, rel_err
+from conftest import generator, planted_tt, randn, random_tr_cores, random_tt_cores, rel_err, tr_to_tensor, tt_to_tensor
 
 import lowrank
-from lowrank.decompose import TensorNetwork, tn
+from lowrank.decompose import TR, TT, TensorNetwork, tn, tn_adam, tn_als
 from lowrank.decompose.tn import als, als_update, environment, grow, rest_of_pair
 
 F64 = torch.float64
@@ -85,6 +85,75 @@ def test_als_update_matches_a_float64_least_squares_reference():
     assert abs(float(torch.sum(x**2)) + offset - sq_error) < 1e-8 * float(torch.sum(x**2))
 
 
+def test_masked_als_update_matches_a_least_squares_reference_on_the_observed_entries():
+    shape, ranks = (4, 5, 6), {(0, 1): 2, (1, 2): 3}
+    cores = random_network(shape, ranks, seed=11)
+    x = randn(*shape, gen=generator(12))
+    mask = (torch.rand(shape, generator=generator(13)) < 0.5).double()
+    k = 1
+    unfold = lambda t: torch.movedim(t, k, 0).reshape(shape[k], -1)  # noqa: E731
+    new, offset = als_update(unfold(x * mask), cores, k, ridge=0.0, mask_unfolding=unfold(mask))
+    columns = []
+    for index in range(cores[k].numel()):
+        unit = torch.zeros(cores[k].numel(), dtype=F64)
+        unit[index] = 1.0
+        trial = list(cores)
+        trial[k] = unit.reshape(cores[k].shape)
+        columns.append(naive_contraction(trial).reshape(-1))
+    observed = mask.reshape(-1).bool()
+    design = torch.stack(columns, dim=1)[observed]
+    reference = torch.linalg.lstsq(design, x.reshape(-1, 1)[observed]).solution.reshape(cores[k].shape)
+    torch.testing.assert_close(new, reference, rtol=1e-8, atol=1e-10)
+    trial = list(cores)
+    trial[k] = new
+    sq_error = float(torch.sum(((x - naive_contraction(trial)) * mask) ** 2))
+    assert abs(float(torch.sum((x * mask) ** 2)) + offset - sq_error) < 1e-8 * float(torch.sum(x**2))
+
+
+def test_networks_from_trains_and_rings_match_their_dense_tensors():
+    shape = (4, 5, 3, 6)
+    tt_cores = random_tt_cores(shape, (2, 3, 2), seed=14)
+    tr_cores = random_tr_cores(shape, (2, 3, 2, 4), seed=15)
+    train, ring = TensorNetwork.from_chain(TT(tuple(tt_cores))), TensorNetwork.from_chain(TR(tuple(tr_cores)))
+    torch.testing.assert_close(train.to_tensor(), tt_to_tensor(tt_cores), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ring.to_tensor(), tr_to_tensor(tr_cores), rtol=1e-12, atol=1e-12)
+    assert train.edges == ((0, 1), (1, 2), (2, 3)) and train.num_params == sum(c.numel() for c in tt_cores)
+    assert ring.edges == ((0, 1), (0, 3), (1, 2), (2, 3)) and ring.ranks[0][3] == 2 and ring.ranks[3][2] == 4
+    with pytest.raises(ValueError, match="ring of 2 cores"):
+        TensorNetwork.from_chain(TR(tuple(random_tr_cores((4, 5), (2, 3), seed=0))))
+
+
+def test_als_completes_a_planted_ring_from_a_third_of_its_entries():
+    shape, ranks = (6, 7, 5, 6), (2, 3, 2, 2)
+    x = tr_to_tensor(random_tr_cores(shape, ranks, seed=16))
+    mask = torch.rand(shape, generator=generator(17)) < 0.35
+    start = TensorNetwork.from_chain(TR(tuple(random_tr_cores(shape, ranks, seed=18))))
+    fitted = tn_als(x.masked_fill(~mask, float("nan")), start, mask=mask, n_sweeps=300, stop_rtol=1e-12)
+    missing = ~mask
+    approx = fitted.to_tensor()
+    assert float(torch.linalg.norm((approx - x)[missing]) / torch.linalg.norm(x[missing])) < 1e-6
+    assert fitted.ranks == start.ranks
+
+
+def test_adam_fits_any_differentiable_loss():
+    x = planted_tt((5, 6, 7), (2, 3), seed=19)
+    start = TensorNetwork.from_chain(TT(tuple(random_tt_cores((5, 6, 7), (2, 3), seed=20))))
+    fitted = tn_adam(x, start, steps=400, lr=0.05)
+    assert fitted.relative_error(x) < 0.25 * start.relative_error(x)
+    # an L1 loss on the observed half: the fitted entries are what the loss sees
+    mask = torch.rand(x.shape, generator=generator(21)) < 0.5
+    seen = []
+
+    def l1(approx, target):
+        seen.append(approx.shape)
+        return torch.sum(torch.abs(approx - target))
+
+    l1_fit = tn_adam(x, start, loss=l1, mask=mask, steps=200, lr=0.05)
+    assert seen[0] == (int(mask.sum()),)
+    before, after = (float(torch.sum(torch.abs(n.to_tensor() - x)[mask])) for n in (start, l1_fit))
+    assert after < 0.5 * before
+
+
 def test_environment_rows_are_core_bonds_and_the_shared_rest_gives_the_same():
     cores = random_network((4, 5, 6), {(0, 1): 2, (1, 2): 3}, seed=3)
     env = environment(cores, 1)
@@ -139,9 +208,20 @@ def test_search_is_deterministic_and_bounded():
     x = randn(4, 5, 6, gen=generator(7))
     a, b = tn(x, max_steps=3, seed=1), tn(x, max_steps=3, seed=1)
     assert all(torch.equal(p, q) for p, q in zip(a.cores, b.cores))
-    assert len(a.log) <= 4
+    assert len(a.log) <= 5  # the rank-one fit, three steps and the final polish
     # a time limit already spent lets no step start: only the rank-one fit is logged
     assert len(tn(randn(6, 6, 6, 6, gen=generator(8)), time_limit=1e-9).log) == 1
+
+
+def test_completion_search_scores_bonds_on_held_out_entries_and_predicts_missing_ones():
+    x = planted_tt((6, 6, 6, 6), (2, 3, 2), seed=22)
+    mask = torch.rand(x.shape, generator=generator(23)) < 0.4
+    net = tn(x.masked_fill(~mask, float("nan")), mask=mask, holdout=0.15, tol=1e-6, seed=0)
+    missing = ~mask
+    assert float(torch.linalg.norm((net.to_tensor() - x)[missing]) / torch.linalg.norm(x[missing])) < 1e-3
+    assert all(step.holdout_error is not None for step in net.log[:-1]) and net.log[-1].holdout_error is None
+    # far fewer parameters than observed entries: the missing ones are predicted, not interpolated
+    assert net.num_params < int(mask.sum()) / 2
 
 
 def test_dispatch_and_dtype():
@@ -163,3 +243,32 @@ def test_dispatch_and_dtype():
 def test_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         tn(randn(5, 6, 7, gen=generator(0)), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("mask", "message"),
+    [
+        (torch.ones(5, 6, dtype=torch.bool), r"mask must have x's shape \(5, 6, 7\), got \(5, 6\)"),
+        (torch.zeros(5, 6, 7, dtype=torch.bool), r"mask observes no entry of the tensor of shape \(5, 6, 7\)"),
+        (torch.full((5, 6, 7), 0.5), "mask must be boolean or hold only 0 and 1"),
+    ],
+)
+def test_bad_masks(mask, message):
+    x = randn(5, 6, 7, gen=generator(0))
+    with pytest.raises(ValueError, match=message):
+        tn(x, mask=mask)
+    start = TensorNetwork(tuple(random_network((5, 6, 7), {(0, 1): 2}, seed=0)))
+    with pytest.raises(ValueError, match=message):
+        tn_als(x, start, mask=mask)
+
+
+def test_fitting_checks_the_network_and_holdout():
+    x = randn(5, 6, 7, gen=generator(0))
+    with pytest.raises(ValueError, match=r"x has shape \(5, 6, 7\) but the network represents shape \(5, 6, 8\)"):
+        tn_als(x, TensorNetwork(tuple(random_network((5, 6, 8), {}, seed=0))))
+    with pytest.raises(TypeError, match="network must be a TensorNetwork, got Tensor"):
+        tn_adam(x, x)
+    with pytest.raises(ValueError, match="holdout must be a fraction in"):
+        tn(x, mask=torch.ones(5, 6, 7, dtype=torch.bool), holdout=1.0)
+
+

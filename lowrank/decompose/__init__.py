@@ -29,7 +29,7 @@ from lowrank.decompose.factorizations import (
     Tucker,
 )
 from lowrank.decompose.svd import svd
-from lowrank.decompose.tn import tn
+from lowrank.decompose.tn import tn, tn_adam, tn_als
 from lowrank.decompose.tr import tr
 from lowrank.decompose.tt import tt, tt_matrix, tt_round
 from lowrank.decompose.tucker import tucker
@@ -104,6 +104,8 @@ __all__ = [
     "decompose",
     "svd",
     "tn",
+    "tn_adam",
+    "tn_als",
     "tr",
     "tt",
     "tt_matrix",

@@ -379,23 +379,29 @@ def network_subscripts(ndim: int) -> tuple[list[str], str]:
 
 
 @functools.lru_cache(maxsize=256)
-def network_expression(equation: str, *shapes: tuple[int, ...]) -> Any:
+def network_expression(equation: str, *shapes: tuple[int, ...], optimize: str = "greedy") -> Any:
     """An ``opt_einsum`` contraction expression for ``equation`` on operands of ``shapes``, its path found once.
 
     The greedy path search takes microseconds where an optimal one takes tens of milliseconds for the eight
-    or more operands of a network, and a structure search meets a new set of shapes at every candidate.
+    or more operands of a network, and a structure search meets a new set of shapes at every candidate;
+    a layer, which contracts the same shapes at every forward, can afford ``optimize="dp"``.
     """
-    return opt_einsum.contract_expression(equation, *shapes, optimize="greedy")
+    return opt_einsum.contract_expression(equation, *shapes, optimize=optimize)
 
 
 @dataclass(frozen=True)
 class SearchStep:
-    """One accepted step of a structure search: the network's ranks, parameters and relative error after it."""
+    """One accepted step of a structure search: the network's ranks, parameters and relative error after it.
+
+    ``holdout_error`` is the relative error on the held-out entries of a
+    completion search (None otherwise).
+    """
 
     ranks: tuple[tuple[int, ...], ...]
     params: int
     error: float
     seconds: float
+    holdout_error: float | None = None
 
 
 @dataclass(frozen=True, repr=False)
@@ -461,3 +467,28 @@ class TensorNetwork(Factorization):
         """The pairs ``(i, j)``, ``i < j``, joined by a bond of rank above 1."""
         ndim = len(self.cores)
         return tuple((i, j) for i in range(ndim) for j in range(i + 1, ndim) if self.cores[i].shape[j] > 1)
+
+    @classmethod
+    def from_chain(cls, chain: TT | TR) -> TensorNetwork:
+        """The network of a tensor train or a tensor ring (of at least three cores).
+
+        Core ``k`` of the chain, ``(r_k, n_k, r_{k+1})``, becomes an ``N``-way
+        core with its bonds at positions ``k - 1`` and ``k + 1`` (modulo ``N``
+        for a ring) and size one everywhere else.
+        """
+        ndim = len(chain.cores)
+        if isinstance(chain, TR) and ndim < 3:
+            raise ValueError(f"a ring of {ndim} cores has two bonds between the same cores; need at least 3")
+        network_cores = []
+        for k, core in enumerate(chain.cores):
+            # (network position, chain dimension) of the mode and of the bonds; bonds of size one
+            # (an open train's ends) need no position
+            placed = sorted([(k, 1)] + [
+                (position, dim) for position, dim in (((k - 1) % ndim, 0), ((k + 1) % ndim, 2)) if core.shape[dim] > 1
+            ])
+            shape = [1] * ndim
+            for position, dim in placed:
+                shape[position] = core.shape[dim]
+            order = [dim for _, dim in placed]
+            network_cores.append(core.permute(order + [d for d in range(3) if d not in order]).reshape(shape))
+        return cls(tuple(network_cores))

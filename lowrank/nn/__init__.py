@@ -16,10 +16,11 @@ from lowrank.nn.conv import (
 )
 from lowrank.nn.embedding import LowRankEmbedding
 from lowrank.nn.linear import LowRankLinear, is_hf_conv1d, linear_rank_for_ratio, linear_weight
+from lowrank.nn.tn import TNLinear, tensorize_weight
 from lowrank.nn.tt import TTLinear, tt_rank_for_ratio
 
 MODULES: dict[str, type[FactorizedModule]] = {
-    cls.__name__: cls for cls in (LowRankLinear, LowRankEmbedding, Tucker2Conv, CPConv, SVDConv, TTLinear)
+    cls.__name__: cls for cls in (LowRankLinear, LowRankEmbedding, Tucker2Conv, CPConv, SVDConv, TTLinear, TNLinear)
 }
 
 
@@ -37,6 +38,7 @@ __all__ = [
     "LowRankEmbedding",
     "LowRankLinear",
     "SVDConv",
+    "TNLinear",
     "TTLinear",
     "Tucker2Conv",
     "UnsupportedLayerError",
@@ -48,6 +50,7 @@ __all__ = [
     "linear_weight",
     "module_class",
     "svd_rank_for_ratio",
+    "tensorize_weight",
     "tt_rank_for_ratio",
     "tucker2_ranks_for_ratio",
 ]

@@ -1,0 +1,120 @@
+"""TNLinear: forward against the dense weight, tensorisation, searched layers, compress/save/load with method "tn"."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from conftest import F64, generator, randn
+from torch import nn
+
+import lowrank
+from lowrank.nn import TNLinear, tensorize_weight
+
+
+def dense_from_network(layer: TNLinear) -> torch.Tensor:
+    """The ``(out, in)`` weight of a TNLinear by one einsum with independently chosen letters."""
+    d = len(layer.in_shape)
+    letters = iter(string.ascii_letters)
+    outs, ins = [next(letters) for _ in range(d)], [next(letters) for _ in range(d)]
+    bond = {}
+    for i in range(d):
+        for j in range(i + 1, d):
+            bond[i, j] = bond[j, i] = next(letters)
+    specs, operands = [], []
+    for k, core in enumerate(layer.cores):
+        specs.append("".join(outs[k] + ins[k] if j == k else bond[k, j] for j in range(d)))
+        operands.append(core.reshape(*core.shape[:k], layer.out_shape[k], layer.in_shape[k], *core.shape[k + 1:]))
+    full = torch.einsum(",".join(specs) + "->" + "".join(outs) + "".join(ins), *operands)
+    return full.reshape(layer.out_features, layer.in_features)
+
+
+def random_layer(bonds, seed, bias=True) -> TNLinear:
+    layer = TNLinear((3, 4, 2), (2, 3, 4), bonds, bias=bias, dtype=F64)
+    gen = generator(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(randn(*p.shape, gen=gen))
+    return layer
+
+
+@pytest.mark.parametrize("bonds", [[(0, 1, 2), (1, 2, 3)], [(0, 1, 2), (1, 2, 3), (0, 2, 2)], [], [(0, 2, 4)]])
+@pytest.mark.parametrize("batch_shape", [(), (5,), (2, 3)])
+def test_forward_equals_the_dense_layer(bonds, batch_shape):
+    layer = random_layer(bonds, seed=len(bonds), bias=bool(batch_shape))
+    weight = dense_from_network(layer)
+    torch.testing.assert_close(layer.weight, weight, rtol=1e-12, atol=1e-12)
+    x = randn(*batch_shape, layer.in_features, gen=generator(1))
+    torch.testing.assert_close(layer(x), F.linear(x, weight, layer.bias), rtol=1e-10, atol=1e-10)
+    dense = layer.to_dense()
+    torch.testing.assert_close(dense(x), layer(x), rtol=1e-10, atol=1e-10)
+    rebuilt = TNLinear(**layer.config(), dtype=F64)
+    assert [c.shape for c in rebuilt.cores] == [c.shape for c in layer.cores]
+
+
+def test_tensorisation_pairs_output_and_input_factors():
+    weight = torch.arange(24.0 * 24).reshape(24, 24)  # out (2, 3, 4), in (3, 4, 2)
+    tensor = tensorize_weight(weight, (2, 3, 4), (3, 4, 2))
+    assert tensor.shape == (6, 12, 8)
+    o, i = (1, 2, 3), (2, 1, 0)
+    row, col = (o[0] * 3 + o[1]) * 4 + o[2], (i[0] * 4 + i[1]) * 2 + i[2]
+    assert tensor[o[0] * 3 + i[0], o[1] * 4 + i[1], o[2] * 2 + i[2]] == weight[row, col]
+
+
+def test_flops_follow_the_contraction_path():
+    chain = random_layer([(0, 1, 2), (1, 2, 3)], seed=0)
+    # contracting the input with one core at a time: each step costs its output entries times the summed sizes
+    assert 0 < chain.flops((1, 24)) < 24 * 24
+    assert chain.flops((4, 24)) <= 4 * chain.flops((1, 24))
+    with pytest.raises(ValueError, match="input_shape must end in in_features=24"):
+        chain.flops((1, 25))
+
+
+def test_a_planted_chain_weight_is_found_and_stays_cheap():
+    planted = random_layer([(0, 1, 2), (1, 2, 2)], seed=3)
+    dense = nn.Linear(24, 24, dtype=F64)
+    with torch.no_grad():
+        dense.weight.copy_(planted.weight)
+    layer = TNLinear.from_dense(dense, out_shape=(2, 3, 4), in_shape=(3, 4, 2), tol=1e-6)
+    with torch.no_grad():
+        assert float(torch.linalg.norm(layer.weight - dense.weight) / torch.linalg.norm(dense.weight)) < 1e-6
+    assert layer.num_params <= planted.num_params
+    torch.testing.assert_close(layer.bias, dense.bias)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match=r"bond \(0, 3, 2\) must join two different cores among 3"):
+        TNLinear((3, 4, 2), (2, 3, 4), [(0, 3, 2)])
+    with pytest.raises(ValueError, match="must join two different cores among 3 once"):
+        TNLinear((3, 4, 2), (2, 3, 4), [(0, 1, 2), (1, 0, 3)])
+    with pytest.raises(ValueError, match="give max_params= .* or tol="):
+        TNLinear.from_dense(nn.Linear(24, 24))
+    network = lowrank.decompose.TensorNetwork(tuple(random_layer([], 0).cores))
+    with pytest.raises(ValueError, match=r"the network's shape \(6, 12, 8\) must be the paired sizes"):
+        TNLinear.from_network(network, (3, 4, 2), (3, 4, 2))
+
+
+def test_compress_save_and_load_with_method_tn(tmp_path):
+    # a 64x64 weight that is a chain over (4, 4, 4) x (4, 4, 4): a budget of 10% holds it, and the chain
+    # contracts with the input in fewer MACs than the dense layer, so it passes the break-even rule
+    chain = TNLinear((4, 4, 4), (4, 4, 4), [(0, 1, 2), (1, 2, 2)], dtype=F64)
+    with torch.no_grad():
+        for core, seed in zip(chain.cores, range(3)):
+            core.copy_(randn(*core.shape, gen=generator(seed)))
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    with torch.no_grad():
+        model[0].weight.copy_(chain.weight.float())
+    report = lowrank.compress(model, ratio=0.1, method="tn", progress=False)
+    assert isinstance(model[0], TNLinear)
+    row = report.layers[0]
+    assert row.method == "tn" and row.params_after <= 0.1 * row.params_before and row.relative_error < 1e-4
+    assert row.rank == tuple(rank for _, _, rank in model[0].bonds)
+    lowrank.save(model.eval(), tmp_path / "out", report=report)
+    fresh = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    reloaded = lowrank.load(tmp_path / "out", model=fresh)
+    x = torch.randn(3, 64)
+    assert torch.equal(reloaded(x), model(x))
+    with pytest.raises(ValueError, match="method 'tn' searches a network within a parameter budget"):
+        lowrank.compress(nn.Sequential(nn.Linear(24, 24)), rank=4, method="tn", progress=False)
