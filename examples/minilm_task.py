@@ -44,6 +44,23 @@ def retrieval_pairs(topics: list[str] | None = None, min_chars: int = 200) -> li
     return pairs
 
 
+def calibration_texts(count: int = 256, min_chars: int = 60) -> list[str]:
+    """Short prose paragraphs of ``pydoc_data.topics``, disjoint from the retrieval pairs' text.
+
+    The paragraphs :func:`retrieval_pairs` uses are at least 200 characters
+    long; these are the prose paragraphs of ``min_chars`` to 199 characters,
+    ``count`` of them spread evenly over the topics (all if fewer).
+    """
+    texts = []
+    for topic in sorted(pydoc_data.topics.topics):
+        for paragraph in pydoc_data.topics.topics[topic].split("\n\n"):
+            text = " ".join(paragraph.split())
+            if not paragraph.startswith((" ", "*", "=", "-")) and min_chars <= len(text) < 200:
+                texts.append(text)
+    step = max(1, len(texts) // count)
+    return texts[::step][:count]
+
+
 @torch.no_grad()
 def embed(
     model: torch.nn.Module, tok: PreTrainedTokenizerBase, texts: list[str], batch_size: int = 64, max_length: int = 128

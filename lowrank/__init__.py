@@ -9,7 +9,7 @@ by the factorized modules of :mod:`lowrank.nn`; ``lowrank.save`` and
 
 __version__ = "0.2.0"
 
-from lowrank import decompose, nn, rank  # noqa: E402
+from lowrank import calibrate, decompose, nn, rank  # noqa: E402
 from lowrank.compress import CompressionReport, LayerReport, compress  # noqa: E402
 from lowrank.decompose import CP, SVD, TR, TT, Factorization, TTMatrix, Tucker  # noqa: E402
 from lowrank.io import load, save  # noqa: E402
@@ -25,6 +25,7 @@ __all__ = [
     "TTMatrix",
     "Tucker",
     "__version__",
+    "calibrate",
     "compress",
     "decompose",
     "load",

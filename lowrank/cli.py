@@ -65,11 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("-o", "--output", type=Path, required=True, help="directory to write")
     policy = com.add_mutually_exclusive_group()
     policy.add_argument("--ratio", type=float, help="fraction of the targeted layers' parameters kept (default 0.5)")
-    policy.add_argument("--rank", type=int, help="one fixed rank for every layer")
+    policy.add_argument(
+        "--rank", type=_parse_policy,
+        help="one fixed rank for every layer (an int), or a rank policy: vbmf, stable, energy:0.9, "
+        "threshold:0.01, heavy-tail:0.175, fixed:32, fraction:0.5 (with ,min=N / ,max=N clamps)",
+    )
     policy.add_argument("--energy", type=float, help="fraction of each weight's squared singular values kept")
     com.add_argument(
         "--method", default="auto",
-        help="'auto', one method (svd, tt, tucker2, cp, svd-channel, svd-spatial) or kind=method pairs "
+        help="'auto', one method (svd, tt, tn, tucker2, cp, svd-channel, svd-spatial) or kind=method pairs "
         "separated by commas, e.g. linear=svd,conv=cp",
     )
     com.add_argument("--targets", nargs="+", metavar="GLOB", help="only layers whose names match these globs")
@@ -78,6 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--kinds", nargs="+", default=["linear", "conv"], choices=["linear", "conv", "pointwise", "embedding"],
         help="layer kinds to compress (default: linear conv)",
     )
+    com.add_argument(
+        "--calibration", type=Path, metavar="FILE.txt",
+        help="calibration text, one sample per line, tokenised with SRC's tokenizer: compress the linear layers "
+        "data-aware (whitened, budget allocated across layers, calibrated in sequence)",
+    )
+    com.add_argument(
+        "--allocation", choices=["uniform", "energy", "fisher"],
+        help="how --ratio is spent across layers with --calibration (default fisher)",
+    )
+    com.add_argument("--no-whiten", dest="whiten", action="store_false",
+                     help="with --calibration: truncate the weights themselves, not the whitened weights")
+    com.add_argument("--heal-steps", type=int, default=0, metavar="N",
+                     help="with --calibration: N steps of distillation towards the dense model after compressing")
+    com.add_argument("--heal-seconds", type=float, metavar="S", help="with --calibration: at most S seconds of healing")
     com.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     com.add_argument("--quiet", action="store_true", help="no progress bar and no report table")
 
@@ -95,13 +113,43 @@ def _parse_method(text: str) -> str | dict[str, str]:
     return {kind.strip(): method.strip() for kind, method in pairs}
 
 
+def _parse_policy(text: str) -> int | lowrank.rank.RankPolicy:
+    """``"32"`` -> 32; anything else a rank policy (:func:`lowrank.rank.policy_from_string`)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return lowrank.rank.policy_from_string(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def _calibration_texts(path: Path) -> list[str]:
+    """The non-empty lines of a calibration text file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration file {path} not found")
+    texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise ValueError(f"calibration file {path} has no non-empty line")
+    return texts
+
+
 def _compress(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.overwrite:
         raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it")
+    calibration = tokenizer = None
+    if args.calibration is not None:
+        from transformers import AutoTokenizer
+
+        calibration = _calibration_texts(args.calibration)
+        tokenizer = AutoTokenizer.from_pretrained(args.source)
     model = lowrank.io.load_pretrained(args.source)
     report = lowrank.compress(
         model, args.ratio, rank=args.rank, energy=args.energy, method=_parse_method(args.method),
         include=args.targets, exclude=args.exclude, kinds=args.kinds, progress=not args.quiet,
+        calibration=calibration, tokenizer=tokenizer, allocation=args.allocation, whiten=args.whiten,
+        heal_steps=args.heal_steps, heal_seconds=args.heal_seconds,
     )
     lowrank.save(model, args.output, report=report, overwrite=args.overwrite)
     if not args.quiet:

@@ -17,6 +17,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowrank.calibrate import calibration_batches
+from lowrank.data_aware import ALLOCATIONS, compress_linears
+from lowrank.heal import heal, reference_outputs
 from lowrank.nn import (
     CPConv,
     FactorizedModule,
@@ -36,7 +39,7 @@ from lowrank.nn import (
     tt_rank_for_ratio,
     tucker2_ranks_for_ratio,
 )
-from lowrank.rank import energy_rank
+from lowrank.rank import Energy, FixedRank, RankPolicy
 
 # The layer kinds compress() tells apart, and the methods each accepts (the first is "auto").
 METHODS: dict[str, tuple[str, ...]] = {
@@ -56,7 +59,12 @@ BREAK_EVEN_SPATIAL = 32
 
 @dataclass
 class LayerReport:
-    """One row of a :class:`CompressionReport`: what happened to one targeted layer."""
+    """One row of a :class:`CompressionReport`: what happened to one targeted layer.
+
+    ``relative_error`` is the weight's relative error; ``output_error`` (data-aware
+    compression only) the relative error of the layer's outputs on the
+    calibration inputs it received.
+    """
 
     name: str
     type: str
@@ -67,6 +75,7 @@ class LayerReport:
     params_after: int
     relative_error: float | None
     skip_reason: str | None = None
+    output_error: float | None = None
 
     @property
     def replaced(self) -> bool:
@@ -127,14 +136,15 @@ class CompressionReport:
         return cls(layers, dict(data.get("settings", {})))
 
     def __str__(self) -> str:
-        header = ("layer", "type", "shape", "method", "rank", "params", "after", "rel. error", "note")
+        header = ("layer", "type", "shape", "method", "rank", "params", "after", "rel. error", "out. error", "note")
         rows = [header]
         for row in self.layers:
             rank = "" if row.rank is None else "x".join(map(str, row.rank)) if isinstance(row.rank, tuple) else row.rank
             rows.append((
                 row.name, row.type, "x".join(map(str, row.shape)), row.method or "-", str(rank),
                 f"{row.params_before:,}", f"{row.params_after:,}",
-                "-" if row.relative_error is None else f"{row.relative_error:.4f}", row.skip_reason or "",
+                "-" if row.relative_error is None else f"{row.relative_error:.4f}",
+                "-" if row.output_error is None else f"{row.output_error:.4f}", row.skip_reason or "",
             ))
         widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
         lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(r, widths)).rstrip() for r in rows]
@@ -212,13 +222,15 @@ def _unfolding_spectra(weight: torch.Tensor, mode: int) -> torch.Tensor:
 
 
 def _choose_rank(
-    module: nn.Module, kind: str, method: str, ratio: float | None, rank: int | None, energy: float | None
+    module: nn.Module, kind: str, method: str, ratio: float | None, rank: int | None, policy: RankPolicy | None
 ) -> int | tuple[int, int]:
     """The rank (or Tucker-2 rank pair) that the rank policy gives ``module``; 0 when none fits.
 
     The ``*_for_ratio`` helpers budget the weight alone; ``ratio`` covers weight
     and bias together, with the bias kept as it is, so the weight's share of the
-    budget is what remains once the bias is paid for.
+    budget is what remains once the bias is paid for. A :class:`RankPolicy`
+    reads the singular values of the weight (of each channel unfolding for
+    Tucker-2).
     """
     weight = module.weight.detach()
     if ratio is not None:
@@ -234,13 +246,16 @@ def _choose_rank(
             return tucker2_ranks_for_ratio(module, ratio)
         if rank is not None:
             return (min(rank, out_group), min(rank, in_group))
-        return (energy_rank(_unfolding_spectra(weight, 0), energy), energy_rank(_unfolding_spectra(weight, 1), energy))
+        return tuple(
+            policy.choose(_unfolding_spectra(weight, mode), (weight.shape[mode], weight.numel() // weight.shape[mode]))
+            for mode in (0, 1)
+        )
     if method == "tn":
         return math.floor(ratio * weight.numel())
-    if energy is not None:
-        if method in ("cp", "tt", "svd-spatial"):
-            raise ValueError(f"energy= picks ranks from singular values, which method {method!r} has none of")
-        return energy_rank(torch.linalg.svdvals(_weight_matrix(module, kind).detach().double()), energy)
+    if policy is not None:
+        matrix = _weight_matrix(module, kind).detach()
+        spectrum = torch.linalg.svdvals(matrix.double()) if policy.needs_spectrum else None
+        return policy.choose(spectrum, tuple(matrix.shape))
     if rank is not None:
         return rank
     if method == "cp":
@@ -280,14 +295,15 @@ def _probe_shape(module: nn.Module, kind: str) -> tuple[int, ...]:
 
 
 def _replace(
-    name: str, module: nn.Module, kind: str, method: str, policy: dict[str, Any]
+    name: str, module: nn.Module, kind: str, method: str, ratio: float | None, rank: int | None,
+    policy: RankPolicy | None,
 ) -> tuple[FactorizedModule | None, LayerReport]:
-    """Factorize one layer under the rank ``policy``; return the replacement (None when skipped) and its row."""
+    """Factorize one layer under the rank policy; return the replacement (None when skipped) and its row."""
     params = sum(p.numel() for p in module.parameters())
     row = LayerReport(name, type(module).__name__, tuple(module.weight.shape), method,
                       None, params, params, None)
     try:
-        rank = row.rank = _choose_rank(module, kind, method, **policy)
+        rank = row.rank = _choose_rank(module, kind, method, ratio, rank, policy)
         if (isinstance(rank, int) and rank < 1) or (isinstance(rank, tuple) and min(rank) < 1):
             row.skip_reason = "no rank >= 1 fits the ratio"
             return None, row
@@ -329,13 +345,20 @@ def compress(
     model: nn.Module,
     ratio: float | None = None,
     *,
-    rank: int | None = None,
+    rank: int | RankPolicy | None = None,
     energy: float | None = None,
     method: str | dict[str, str] = "auto",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
     kinds: Sequence[str] = ("linear", "conv"),
+    calibration: Any = None,
+    tokenizer: Any = None,
+    allocation: str | None = None,
+    whiten: bool = True,
+    sequential: bool = True,
+    heal_steps: int = 0,
+    heal_seconds: float | None = None,
     progress: bool = True,
 ) -> CompressionReport:
     """Replace a model's layers by factorized ones, in place.
@@ -347,24 +370,39 @@ def compress(
     both its parameter count and its FLOPs (the break-even rule); otherwise it
     stays dense and the report says why.
 
+    With ``calibration`` data, the linear layers compressed by SVD are
+    compressed data-aware (:mod:`lowrank.data_aware`): each weight is truncated
+    where it least changes the layer's outputs on the calibration inputs
+    (whitening), ``ratio`` is spent across layers where it costs least
+    (``allocation``), each layer is calibrated on the inputs it receives from
+    the layers already compressed (``sequential``), and the factors can then
+    be trained briefly towards the dense model's outputs (healing).
+
     Parameters
     ----------
     model : nn.Module
         The model, modified in place. If any layer fails, the model is left
         exactly as it was and the error names the layer.
     ratio : float, optional
-        Fraction of each targeted layer's parameters to keep, in (0, 1): every
-        layer gets the largest rank whose factorized module (factors plus bias)
-        holds at most ``ratio`` times the dense layer's parameters (weight plus
-        bias). So the targeted layers' parameters that remain are at most
-        ``ratio`` of what they were, except for layers left dense (no rank fits,
-        or break-even). This is the default policy, with ``ratio=0.5``.
-    rank : int, optional
+        Fraction of the targeted layers' parameters to keep, in (0, 1). Without
+        calibration (or with ``allocation="uniform"``) every layer gets the
+        largest rank whose factorized module (factors plus bias) holds at most
+        ``ratio`` times the dense layer's parameters (weight plus bias), so the
+        targeted layers keep at most ``ratio`` of their parameters, except for
+        layers left dense (no rank fits, or break-even); with a global
+        allocation, the data-aware layers together keep at most ``ratio`` of
+        theirs, layers left dense included. This is the default policy, with
+        ``ratio=0.5``.
+    rank : int or RankPolicy, optional
         A fixed rank for every layer instead (both Tucker-2 ranks, capped at
-        the channel counts; the uniform internal rank of a TT layer).
+        the channel counts; the uniform internal rank of a TT layer); or a
+        :class:`lowrank.rank.RankPolicy` (``VBMF()``, ``Energy(0.9)``,
+        ``HeavyTail()``, ...) applied to each weight's singular values (each
+        channel unfolding's for Tucker-2; the whitened spectrum with calibration).
     energy : float, optional
         Keep the smallest rank whose singular values hold this fraction of the
-        weight's squared norm, in (0, 1] (for Tucker-2, per channel mode).
+        weight's squared norm, in (0, 1] (for Tucker-2, per channel mode); the
+        same as ``rank=Energy(energy)``.
     method : str or dict
         ``"auto"`` (low-rank SVD for linear layers and embeddings, Tucker-2 for
         k×k convolutions, a channel SVD for 1×1 convolutions); one method name,
@@ -384,6 +422,26 @@ def compress(
         ``Conv1D``), ``"conv"`` (kernel larger than 1), ``"pointwise"`` (1×1
         convolutions) and ``"embedding"`` (``nn.Embedding``, compared on
         parameters only: a dense lookup does no arithmetic).
+    calibration : list of str, DataLoader, iterable of batches, or callable, optional
+        Calibration inputs (see :func:`lowrank.calibrate.calibration_batches`):
+        texts are tokenised with ``tokenizer``; batches are run as the model's
+        inputs; a callable ``calibration(model)`` runs the model itself (no
+        Fisher allocation and no healing then).
+    tokenizer : callable, optional
+        The checkpoint's tokenizer, for texts.
+    allocation : {"uniform", "energy", "fisher"}, optional
+        How ``ratio`` is spent with calibration (see
+        :func:`lowrank.data_aware.choose_ranks`); default ``"fisher"``, the
+        best measured (``benchmarks/rank.py``).
+    whiten : bool
+        With calibration: truncate the whitened weight (default) or the weight itself.
+    sequential : bool
+        With calibration: calibrate each layer on the inputs it receives from
+        the layers compressed before it (default) or on the dense model's.
+    heal_steps : int
+        With calibration: Adam steps of healing after compression (0: none).
+    heal_seconds : float, optional
+        With calibration: most seconds of healing (alone, or bounding ``heal_steps``).
     progress : bool
         Show a progress bar over the targeted layers.
 
@@ -409,11 +467,14 @@ def compress(
         ratio = 0.5
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1):
         raise ValueError(f"ratio must be a fraction in (0, 1), got {ratio!r}")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    if rank is not None and not isinstance(rank, RankPolicy) and (
+        isinstance(rank, bool) or not isinstance(rank, int) or rank < 1
+    ):
+        raise ValueError(f"rank must be an int >= 1 or a lowrank.rank.RankPolicy, got {rank!r}")
     if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1):
         raise ValueError(f"energy must be a fraction in (0, 1], got {energy!r}")
-    policy = {"ratio": ratio, "rank": rank, "energy": energy}
+    policy = Energy(energy) if energy is not None else rank if isinstance(rank, RankPolicy) else None
+    fixed_rank = rank if isinstance(rank, int) else None
     unknown = set(kinds) - set(METHODS)
     if unknown or isinstance(kinds, str):
         raise ValueError(f"kinds must be a sequence of layer kinds among {tuple(METHODS)}; got {kinds!r}")
@@ -421,10 +482,18 @@ def compress(
     methods = _resolve_methods(method, kinds)
     if ratio is None and any(methods[kind] == "tn" for kind in kinds):
         raise ValueError("method 'tn' searches a network within a parameter budget: give ratio=, not rank=/energy=")
+    if policy is not None and policy.needs_spectrum:
+        spectrum_free = sorted({methods[k] for k in kinds} & {"cp", "tt", "svd-spatial"})
+        if spectrum_free:
+            raise ValueError(
+                f"{policy} picks ranks from singular values, which method {spectrum_free[0]!r} has none of"
+            )
+    calibrated = _calibration_settings(calibration, tokenizer, allocation, whiten, sequential, heal_steps,
+                                       heal_seconds, ratio, model)
 
     heads = _output_heads(model)
     targets, report = [], CompressionReport(settings={
-        "ratio": ratio, "rank": rank, "energy": energy, "method": methods,
+        "ratio": ratio, "rank": None if rank is None else str(rank), "energy": energy, "method": methods,
         "include": list(include) if include is not None else None, "exclude": list(exclude),
         "kinds": sorted(kinds),
     })
@@ -441,10 +510,16 @@ def compress(
             continue
         targets.append((name, module, kind))
 
+    data_aware = {}
+    if calibrated is not None:
+        data_aware = {name: module for name, module, kind in targets if kind == "linear" and methods[kind] == "svd"}
+        report.settings["calibration"] = calibrated.describe()
     replacements = []
     for name, module, kind in tqdm(targets, desc="lowrank.compress", unit="layer", disable=not progress):
+        if name in data_aware:
+            continue
         try:
-            factorized, row = _replace(name, module, kind, methods[kind], policy)
+            factorized, row = _replace(name, module, kind, methods[kind], ratio, fixed_rank, policy)
         except Exception as error:
             raise RuntimeError(
                 f"compressing layer {name!r} ({type(module).__name__}, weight {tuple(module.weight.shape)}) "
@@ -454,8 +529,105 @@ def compress(
         if factorized is not None:
             factorized.train(module.training)
             replacements.append((name, factorized))
-    swap_modules(model, replacements)
+    if data_aware:
+        _compress_calibrated(model, data_aware, calibrated, ratio, fixed_rank, policy, report, progress)
+    try:
+        swap_modules(model, replacements)
+    except Exception:
+        swap_modules(model, list(data_aware.items()))
+        raise
+    if calibrated is not None and calibrated.heal:
+        report.settings["heal"] = asdict(heal(
+            model, calibrated.batches, calibrated.targets, steps=calibrated.heal_steps or None,
+            seconds=calibrated.heal_seconds, progress=progress,
+        ))
     return report
+
+
+@dataclass
+class _Calibrated:
+    """The calibration settings of one :func:`compress` call, checked, with the batches and healing targets."""
+
+    batches: Any
+    allocation: str
+    whiten: bool
+    sequential: bool
+    heal_steps: int
+    heal_seconds: float | None
+    targets: list[torch.Tensor] | None = None
+
+    @property
+    def heal(self) -> bool:
+        return bool(self.heal_steps) or self.heal_seconds is not None
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as JSON-able data for the report."""
+        batches = "callable" if callable(self.batches) else len(self.batches)
+        return {"batches": batches, "allocation": self.allocation, "whiten": self.whiten,
+                "sequential": self.sequential, "heal_steps": self.heal_steps, "heal_seconds": self.heal_seconds}
+
+
+def _calibration_settings(
+    calibration: Any, tokenizer: Any, allocation: str | None, whiten: bool, sequential: bool, heal_steps: int,
+    heal_seconds: float | None, ratio: float | None, model: nn.Module,
+) -> _Calibrated | None:
+    """Check the calibration arguments of :func:`compress`; None without calibration data."""
+    if calibration is None:
+        asked = [name for name, value in (("allocation", allocation), ("heal_steps", heal_steps or None),
+                                          ("heal_seconds", heal_seconds), ("tokenizer", tokenizer)) if value]
+        if asked:
+            raise ValueError(f"{', '.join(asked)} need calibration data: give calibration=")
+        return None
+    if allocation is None:
+        allocation = "fisher" if ratio is not None else "uniform"
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if allocation != "uniform" and ratio is None:
+        raise ValueError(f"allocation={allocation!r} spends a budget: give ratio=, or allocation='uniform'")
+    if isinstance(heal_steps, bool) or not isinstance(heal_steps, int) or heal_steps < 0:
+        raise ValueError(f"heal_steps must be an int >= 0, got {heal_steps!r}")
+    if heal_seconds is not None and (isinstance(heal_seconds, bool) or not heal_seconds > 0):
+        raise ValueError(f"heal_seconds must be a positive number of seconds, got {heal_seconds!r}")
+    parameter = next(model.parameters(), None)
+    if callable(calibration) and not isinstance(calibration, nn.Module):
+        batches = calibration
+        if allocation == "fisher" or heal_steps or heal_seconds is not None:
+            raise ValueError("a callable calibration runs the model itself: it supports neither "
+                             "allocation='fisher' nor healing; give texts or batches")
+    else:
+        batches = calibration_batches(calibration, tokenizer=tokenizer,
+                                      device=None if parameter is None else parameter.device)
+    calibrated = _Calibrated(batches, allocation, bool(whiten), bool(sequential), heal_steps, heal_seconds)
+    if calibrated.heal:
+        calibrated.targets = reference_outputs(model, batches)
+    return calibrated
+
+
+def _compress_calibrated(
+    model: nn.Module, layers: dict[str, nn.Module], calibrated: _Calibrated, ratio: float | None,
+    rank: int | None, policy: RankPolicy | None, report: CompressionReport, progress: bool,
+) -> None:
+    """Compress ``layers`` data-aware (replacing them in ``model``) and add their rows to ``report``."""
+    try:
+        plans = compress_linears(
+            model, layers, calibrated.batches, ratio=ratio,
+            policy=FixedRank(rank) if rank is not None else policy, allocation=calibrated.allocation,
+            whiten=calibrated.whiten, sequential=calibrated.sequential, progress=progress,
+        )
+    except Exception as error:
+        raise RuntimeError(f"data-aware compression of the linear layers failed; the model is unchanged: {error}") \
+            from error
+    for plan in plans:
+        layer = layers[plan.name]
+        params = sum(p.numel() for p in layer.parameters())
+        row = LayerReport(plan.name, type(layer).__name__, tuple(layer.weight.shape), "svd", plan.rank, params,
+                          params, None, plan.skip_reason, plan.output_error)
+        if plan.module is not None:
+            weight = layer.weight.detach().float()
+            row.relative_error = float(torch.linalg.vector_norm(weight - plan.module.dense_weight().detach().float())
+                                       / torch.linalg.vector_norm(weight))
+            row.params_after = plan.module.num_params
+        report.layers.append(row)
 
 
 def swap_modules(model: nn.Module, replacements: Sequence[tuple[str, nn.Module]]) -> None:

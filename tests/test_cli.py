@@ -101,3 +101,35 @@ def test_compress_refuses_an_existing_output_and_bad_sources(minilm_dir, tmp_pat
     assert not (tmp_path / "y").exists()
     assert main(["info", str(tmp_path)]) == 2
     assert "lowrank.json" in capsys.readouterr().err
+
+
+def test_compress_with_calibration_text_and_a_rank_policy(minilm_dir, tmp_path, capsys):
+    import json
+
+    calibration = tmp_path / "calib.txt"
+    calibration.write_text("The for statement iterates over a sequence.\n\nA function returns a value.\n" * 4)
+    out = tmp_path / "calibrated"
+    code = main(["compress", minilm_dir, "-o", str(out), "--ratio", "0.8", "--targets", "encoder.layer.0.*",
+                 "--calibration", str(calibration), "--allocation", "energy", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "lowrank.json").read_text())["report"]
+    assert report["settings"]["calibration"]["allocation"] == "energy" and report["settings"]["calibration"]["whiten"]
+    assert report["ratio"] <= 0.8
+    assert all(row["output_error"] is not None for row in report["layers"] if row["skip_reason"] is None)
+
+    out = tmp_path / "vbmf"
+    assert main(["compress", minilm_dir, "-o", str(out), "--rank", "vbmf,max=64", "--targets", "encoder.layer.0.*",
+                 "--quiet"]) == 0
+    report = json.loads((out / "lowrank.json").read_text())["report"]
+    assert report["settings"]["rank"] == "vbmf,max=64"
+    assert all(row["rank"] <= 64 for row in report["layers"] if row["skip_reason"] is None)
+
+    with pytest.raises(SystemExit) as exit_info:  # argparse rejects the policy before anything runs
+        main(["compress", minilm_dir, "-o", str(tmp_path / "bad"), "--rank", "energy:2", "--quiet"])
+    assert exit_info.value.code == 2
+    assert "argument --rank: energy must be a fraction in (0, 1], got 2.0" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert main(["compress", minilm_dir, "-o", str(tmp_path / "bad2"), "--calibration", str(empty), "--quiet"]) == 2
+    assert "has no non-empty line" in capsys.readouterr().err
+    assert not (tmp_path / "bad2").exists()

@@ -164,8 +164,16 @@ def test_a_failing_layer_leaves_the_model_unchanged():
     [
         ({"ratio": 1.5}, "ratio must be a fraction in \\(0, 1\\), got 1.5"),
         ({"ratio": 0.5, "rank": 3}, "one rank policy"),
-        ({"rank": 0}, "rank must be an int >= 1, got 0"),
+        ({"rank": 0}, "rank must be an int >= 1 or a lowrank.rank.RankPolicy, got 0"),
         ({"energy": 0.0}, "energy must be a fraction in \\(0, 1\\], got 0.0"),
+        ({"allocation": "fisher"}, "allocation need calibration data: give calibration="),
+        ({"calibration": [torch.zeros(2, 5, dtype=torch.long)], "allocation": "best"}, "allocation must be one of"),
+        ({"calibration": [torch.zeros(2, 5, dtype=torch.long)], "rank": 4, "allocation": "energy"},
+         "allocation='energy' spends a budget: give ratio="),
+        ({"calibration": lambda model: None, "heal_steps": 5}, "a callable calibration runs the model itself"),
+        ({"calibration": [torch.zeros(2, 5, dtype=torch.long)], "heal_steps": -1}, "heal_steps must be an int >= 0"),
+        ({"rank": lowrank.rank.VBMF(), "method": {"conv": "cp"}, "kinds": ("conv",)},
+         "vbmf picks ranks from singular values, which method 'cp' has none of"),
     ],
 )
 def test_bad_arguments(kwargs, message):

@@ -1,0 +1,283 @@
+"""Data-aware compression of linear layers: whitened truncation, one budget across layers, sequential calibration.
+
+:func:`lowrank.compress` calls :func:`compress_linears` when calibration data is
+given. The steps, each documented where it is done:
+
+1. statistics of the dense model: every target's input Gram matrix and, for the
+   ``"fisher"`` allocation, the Fisher of its outputs (:mod:`lowrank.calibrate`);
+2. one spectrum per layer, of the weight whitened by those statistics, whose
+   squared singular values estimate what dropping each component costs;
+3. ranks: the same fraction of parameters per layer (``"uniform"``), or one
+   budget spent where it loses least (``"energy"``, ``"fisher"``), through
+   :func:`lowrank.rank.allocate_ranks`, or a :class:`lowrank.rank.RankPolicy`
+   applied to each whitened spectrum;
+4. factors, layer group by layer group in forward order, each group whitened
+   with the inputs it receives from the layers already compressed before it
+   (sequential calibration, as GPTQ and SVD-LLM do).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowrank.calibrate import (
+    Calibration,
+    collect_input_statistics,
+    collect_output_fisher,
+    relative_output_error,
+    run_calibration,
+    whitened_low_rank,
+)
+from lowrank.nn import LowRankLinear, is_hf_conv1d, linear_rank_for_ratio, linear_weight
+from lowrank.rank import LayerBudget, RankPolicy, allocate_ranks
+
+ALLOCATIONS = ("uniform", "energy", "fisher")
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """What data-aware compression decided for one linear layer.
+
+    Attributes
+    ----------
+    name : str
+        The layer's name in the model.
+    rank : int or None
+        The rank kept; None when the layer stays dense.
+    module : LowRankLinear or None
+        The replacement (None when the layer stays dense).
+    output_error : float or None
+        ``||(W - W') X|| / ||W X||`` on the calibration inputs the layer received.
+    skip_reason : str or None
+        Why the layer stays dense.
+    """
+
+    name: str
+    rank: int | None
+    module: LowRankLinear | None
+    output_error: float | None
+    skip_reason: str | None
+
+
+def break_even_rank(layer: nn.Module) -> int:
+    """The largest rank at which a low-rank layer holds fewer parameters and MACs than ``layer`` (0 if none).
+
+    Both counts compare ``rank * (in + out)`` with ``in * out`` (the bias is the same on both sides).
+    """
+    out_features, in_features = linear_weight(layer).shape
+    return max(0, math.ceil(out_features * in_features / (out_features + in_features)) - 1)
+
+
+def forward_order(model: nn.Module, layers: dict[str, nn.Module], calibration: Calibration) -> list[str]:
+    """The names of ``layers`` in the order of their first call on the first calibration batch."""
+    order: list[str] = []
+    handles = [
+        module.register_forward_pre_hook(lambda _m, _a, name=name: order.append(name) if name not in order else None)
+        for name, module in layers.items()
+    ]
+    try:
+        run_calibration(model, calibration[:1] if isinstance(calibration, Sequence) else calibration)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order + [name for name in layers if name not in order]
+
+
+def layer_groups(order: Sequence[str]) -> list[list[str]]:
+    """Consecutive layers of ``order`` that share a parent module (a block's query, key and value), as groups."""
+    groups: list[list[str]] = []
+    for name in order:
+        if groups and groups[-1][-1].rpartition(".")[0] == name.rpartition(".")[0]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups
+
+
+def _weight64(layer: nn.Module) -> torch.Tensor:
+    return linear_weight(layer).detach().double()
+
+
+def choose_ranks(
+    layers: dict[str, nn.Module],
+    spectra: dict[str, torch.Tensor],
+    *,
+    ratio: float | None,
+    policy: RankPolicy | None,
+    allocation: str,
+    normalize: bool,
+) -> dict[str, int | None]:
+    """Each layer's rank (None: dense) from its whitened spectrum.
+
+    Parameters
+    ----------
+    layers : dict of str to nn.Module
+        The dense linear layers.
+    spectra : dict of str to torch.Tensor
+        Each layer's weighted singular values (descending).
+    ratio : float, optional
+        Fraction of the layers' parameters (weights and biases) to keep.
+    policy : RankPolicy, optional
+        Instead of ``ratio``: the rank rule applied to each spectrum.
+    allocation : {"uniform", "energy", "fisher"}
+        ``"uniform"`` gives every layer the largest rank within ``ratio`` of its
+        own parameters; the others spend ``ratio`` of all the layers' parameters
+        at once, dropping the components of least score per parameter
+        (:func:`lowrank.rank.allocate_ranks`).
+    normalize : bool
+        Score a component by its squared singular value relative to the
+        layer's total (``"energy"``: every layer's relative output error counts
+        alike), or by the squared singular value itself (``"fisher"``: already
+        in units of the loss).
+
+    """
+    ranks: dict[str, int | None] = {}
+    if policy is not None:
+        for name, layer in layers.items():
+            rank = policy.choose(spectra[name], tuple(linear_weight(layer).shape))
+            ranks[name] = rank if 1 <= rank <= break_even_rank(layer) else None
+        return ranks
+    if allocation == "uniform":
+        for name, layer in layers.items():
+            weight = linear_weight(layer)
+            bias = 0 if layer.bias is None else layer.bias.numel()
+            weight_ratio = (ratio * (weight.numel() + bias) - bias) / weight.numel()
+            rank = linear_rank_for_ratio(*weight.shape, weight_ratio) if weight_ratio > 0 else 0
+            ranks[name] = rank if 1 <= rank <= break_even_rank(layer) else None
+        return ranks
+    budgets = []
+    for name, layer in layers.items():
+        out_features, in_features = linear_weight(layer).shape
+        bias = 0 if layer.bias is None else layer.bias.numel()
+        scores = spectra[name].double() ** 2
+        if normalize:
+            scores = scores / scores.sum().clamp_min(torch.finfo(torch.float64).tiny)
+        budgets.append(LayerBudget(scores, out_features + in_features, bias, out_features * in_features + bias,
+                                   min(break_even_rank(layer), scores.numel())))
+    total = sum(b.dense_params for b in budgets)
+    chosen = allocate_ranks(budgets, math.floor(ratio * total))
+    return dict(zip(layers, chosen))
+
+
+def compress_linears(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    calibration: Calibration,
+    *,
+    ratio: float | None = None,
+    policy: RankPolicy | None = None,
+    allocation: str = "fisher",
+    whiten: bool = True,
+    sequential: bool = True,
+    n_probes: int = 1,
+    progress: bool = False,
+) -> list[LinearPlan]:
+    """Factorize linear layers of ``model`` on calibration data, replacing them in ``model`` as it goes.
+
+    Layers are replaced group by group (see :func:`layer_groups`) so that each
+    group is calibrated on the outputs of the groups already compressed; on any
+    error every layer replaced so far is put back and the error re-raised, so
+    the model is left as it was.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model, modified in place.
+    layers : dict of str to nn.Module
+        The ``nn.Linear`` / Hugging Face ``Conv1D`` layers to compress, by name.
+    calibration : sequence of CalibrationBatch, or callable
+        The calibration set (see :func:`lowrank.calibrate.calibration_batches`).
+    ratio : float, optional
+        Fraction of the layers' parameters to keep (see :func:`choose_ranks`).
+    policy : RankPolicy, optional
+        A rank rule applied to each layer's whitened spectrum, instead of ``ratio``.
+    allocation : {"uniform", "energy", "fisher"}
+        How ``ratio`` is spent (see :func:`choose_ranks`). ``"fisher"`` weights
+        each layer's outputs by the Fisher of the model's output
+        (:func:`lowrank.calibrate.collect_output_fisher`, ``n_probes`` probes
+        per batch), so that a component's score estimates the increase of the
+        distance to the dense model's outputs when it is dropped.
+    whiten : bool
+        Truncate the whitened weight ``W S`` (``S S^T`` the input Gram matrix),
+        which minimises the error of the layer's outputs on the calibration
+        inputs; False truncates the weight itself (plain SVD).
+    sequential : bool
+        Whiten each group with the inputs it receives from the already
+        compressed model (else from the dense one).
+    n_probes : int
+        Output probes per batch for the Fisher.
+    progress : bool
+        Show progress bars.
+
+    Returns
+    -------
+    list of LinearPlan
+        One per layer, in forward order.
+
+    """
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    order = forward_order(model, layers, calibration)
+    layers = {name: layers[name] for name in order}
+    stats = collect_input_statistics(model, layers, calibration, progress=progress)
+    fisher = None
+    if allocation == "fisher":
+        fisher = collect_output_fisher(model, layers, calibration, n_probes=n_probes, progress=progress)
+    spectra = {}
+    for name, layer in layers.items():
+        weight = _weight64(layer)
+        if whiten:
+            spectra[name] = whitened_low_rank(
+                weight, stats[name].gram, 1, output_gram=None if fisher is None else fisher[name]
+            )[2]
+        else:
+            spectra[name] = torch.linalg.svdvals(weight)
+    ranks = choose_ranks(layers, spectra, ratio=ratio, policy=policy, allocation=allocation,
+                         normalize=allocation != "fisher")
+    plans: dict[str, LinearPlan] = {}
+    replaced: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for group in tqdm(layer_groups(order), desc="lowrank.compress (calibrated)", unit="group",
+                          disable=not progress):
+            todo = [name for name in group if ranks[name] is not None]
+            if sequential and whiten and todo and replaced:
+                stats.update(collect_input_statistics(model, {name: layers[name] for name in todo}, calibration))
+            for name in todo:
+                plans[name] = _factorize(name, layers[name], ranks[name], stats[name].gram, whiten)
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name)
+                replaced.append((parent, child, layers[name]))
+                setattr(parent, child, plans[name].module)
+    except BaseException:
+        for parent, child, original in reversed(replaced):
+            setattr(parent, child, original)
+        raise
+    reason = "no rank below break-even is worth its parameters within the budget"
+    return [plans.get(name, LinearPlan(name, None, None, None, reason)) for name in order]
+
+
+def _factorize(name: str, layer: nn.Module, rank: int, gram: torch.Tensor, whiten: bool) -> LinearPlan:
+    """The low-rank replacement of ``layer`` at ``rank``, whitened by ``gram`` (or plain SVD)."""
+    weight = _weight64(layer)
+    if whiten:
+        first, second, _ = whitened_low_rank(weight, gram, rank)
+        module = LowRankLinear(
+            weight.shape[1], weight.shape[0], rank, layer.bias is not None,
+            "Conv1D" if is_hf_conv1d(layer) else "Linear", device=layer.weight.device, dtype=layer.weight.dtype,
+        )
+        with torch.no_grad():
+            module.first.copy_(first)
+            module.second.copy_(second)
+            if layer.bias is not None:
+                module.bias.copy_(layer.bias)
+    else:
+        module = LowRankLinear.from_dense(layer, rank)
+    module.train(layer.training)
+    error = relative_output_error(weight, module.weight.detach().double(), gram)
+    return LinearPlan(name, rank, module, error, None)

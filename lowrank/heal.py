@@ -1,0 +1,130 @@
+"""Healing: a short distillation of a factorized model towards the dense one it came from."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowrank.calibrate import CalibrationBatch, eval_mode, model_output_tensor
+from lowrank.nn import FactorizedModule
+
+
+@dataclass(frozen=True)
+class HealReport:
+    """What :func:`heal` did: steps taken, seconds spent, and the distillation loss before and after."""
+
+    steps: int
+    seconds: float
+    loss_before: float
+    loss_after: float
+
+
+def reference_outputs(model: nn.Module, batches: Sequence[CalibrationBatch]) -> list[torch.Tensor]:
+    """The model's output tensor on every batch (in eval mode, without gradients): the targets of :func:`heal`."""
+    with eval_mode(model), torch.no_grad():
+        return [model_output_tensor(batch.run(model)).detach() for batch in batches]
+
+
+def _distance(output: torch.Tensor, target: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared distance over the real (unmasked) positions, relative to the target's mean square there."""
+    squared, reference = (output - target) ** 2, target**2
+    if token_mask is not None and output.shape[:2] == token_mask.shape:
+        squared, reference = squared[token_mask], reference[token_mask]
+    return squared.mean() / reference.mean().clamp_min(torch.finfo(reference.dtype).tiny)
+
+
+def heal(
+    model: nn.Module,
+    batches: Sequence[CalibrationBatch],
+    targets: Sequence[torch.Tensor],
+    *,
+    steps: int | None = None,
+    seconds: float | None = None,
+    lr: float = 1e-4,
+    progress: bool = False,
+) -> HealReport:
+    """Train the factors of ``model``'s factorized modules towards ``targets``; all else (biases too) is frozen.
+
+    Each step runs one calibration batch (cycling through them) and takes an
+    Adam step on the relative mean squared distance between the model's output
+    tensor and the dense model's (over real tokens only). Dropout is off
+    (eval mode); every parameter's ``requires_grad`` and ``grad`` and every
+    module's mode are restored afterwards.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The factorized model, trained in place.
+    batches : sequence of CalibrationBatch
+        The calibration inputs.
+    targets : sequence of torch.Tensor
+        The dense model's output tensor on each batch (:func:`reference_outputs`).
+    steps : int, optional
+        Most optimisation steps.
+    seconds : float, optional
+        Most seconds; at least one of ``steps`` and ``seconds`` is required.
+    lr : float
+        Adam's learning rate.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    HealReport
+        Steps, seconds, and the loss over all batches before and after.
+
+    """
+    if steps is None and seconds is None:
+        raise ValueError("heal needs a bound: give steps= or seconds= (or both)")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    if seconds is not None and not seconds > 0:
+        raise ValueError(f"seconds must be a positive number, got {seconds!r}")
+    if len(batches) != len(targets) or not batches:
+        raise ValueError(f"need one target per batch and at least one batch; got {len(batches)} and {len(targets)}")
+    factors = [
+        p for m in model.modules() if isinstance(m, FactorizedModule)
+        for name, p in m.named_parameters() if name != "bias"
+    ]
+    if not factors:
+        raise ValueError("the model has no factorized module to heal")
+    trainable = {id(p) for p in factors}
+    saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    start = time.perf_counter()
+    taken = 0
+    try:
+        for p, _, _ in saved:
+            p.requires_grad_(id(p) in trainable)
+            p.grad = None
+        with eval_mode(model):
+            before = _mean_loss(model, batches, targets)
+            optimizer = torch.optim.Adam(factors, lr=lr)
+            bar = tqdm(total=steps, desc="lowrank.heal", unit="step", disable=not progress)
+            while (steps is None or taken < steps) and (seconds is None or time.perf_counter() - start < seconds):
+                batch = batches[taken % len(batches)]
+                loss = _distance(model_output_tensor(batch.run(model)), targets[taken % len(batches)],
+                                 batch.token_mask)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                taken += 1
+                bar.update()
+            bar.close()
+            after = _mean_loss(model, batches, targets)
+    finally:
+        for p, flag, grad in saved:
+            p.requires_grad_(flag)
+            p.grad = grad
+    return HealReport(taken, time.perf_counter() - start, before, after)
+
+
+def _mean_loss(model: nn.Module, batches: Sequence[CalibrationBatch], targets: Sequence[torch.Tensor]) -> float:
+    with torch.no_grad():
+        return sum(
+            float(_distance(model_output_tensor(b.run(model)), t, b.token_mask)) for b, t in zip(batches, targets)
+        ) / len(batches)

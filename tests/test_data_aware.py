@@ -1,0 +1,177 @@
+"""Data-aware compression: whitening, budget allocation, sequential calibration, healing, all-or-nothing."""
+
+import copy
+
+import pytest
+import torch
+from conftest import generator, randn
+from torch import nn
+
+import lowrank
+from lowrank.calibrate import calibration_batches, collect_input_statistics, whitened_low_rank
+from lowrank.data_aware import break_even_rank, layer_groups
+from lowrank.nn import LowRankLinear
+
+F64 = torch.float64
+
+
+class Block(nn.Module):
+    """Two linear layers in a row, then a third in another parent: groups (a.first, a.second), (head,)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential()
+        self.a.first = nn.Linear(24, 32)
+        self.a.second = nn.Linear(32, 24)
+        self.head = nn.Linear(24, 16)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a.second(torch.tanh(self.a.first(x)))))
+
+
+def block(seed=0):
+    torch.manual_seed(seed)
+    return Block().double().eval()
+
+
+def correlated_inputs(rows, seed):
+    """Inputs ``(rows, 24)`` concentrated near one 6-dimensional subspace (strongly correlated features)."""
+    basis = randn(6, 24, gen=generator(0))
+    gen = generator(seed)
+    return randn(rows, 6, gen=gen) @ basis * 3 + 0.05 * randn(rows, 24, gen=gen)
+
+
+def calibration(seed=1, batches=4):
+    return [correlated_inputs(64, seed + k) for k in range(batches)]
+
+
+def output_error(model, reference, x):
+    with torch.no_grad():
+        expected = reference(x)
+        return float(torch.linalg.norm(model(x) - expected) / torch.linalg.norm(expected))
+
+
+def test_whitening_lowers_the_output_error_against_plain_svd():
+    held_out = correlated_inputs(256, seed=50)
+    dense = block()
+    plain, whitened = copy.deepcopy(dense), copy.deepcopy(dense)
+    # rank 8 or more everywhere: enough for the 6-dimensional inputs, not for the weights' own spectra
+    lowrank.compress(plain, 0.6, progress=False)
+    lowrank.compress(whitened, 0.6, calibration=calibration(), allocation="uniform", progress=False)
+    assert [m.rank for m in plain.modules() if isinstance(m, LowRankLinear)] == [
+        m.rank for m in whitened.modules() if isinstance(m, LowRankLinear)
+    ]
+    assert output_error(whitened, dense, held_out) < 0.5 * output_error(plain, dense, held_out)
+
+
+def test_the_first_layer_is_the_optimal_whitened_truncation_and_later_ones_see_compressed_inputs():
+    dense, model = block(), block()
+    data = calibration()
+    report = lowrank.compress(model, 0.4, calibration=data, allocation="uniform", progress=False)
+    rank = model.a.first.rank
+    gram = sum(x.T @ x for x in data)
+    first, second, _ = whitened_low_rank(dense.a.first.weight.detach(), gram, rank)
+    torch.testing.assert_close(model.a.first.weight, second @ first, rtol=1e-9, atol=1e-9)
+    # the head is calibrated on the inputs of the model whose first two layers are already compressed
+    partial = copy.deepcopy(model)
+    partial.head = copy.deepcopy(dense.head)
+    stats = collect_input_statistics(partial, {"head": partial.head}, calibration_batches(data))
+    first, second, _ = whitened_low_rank(dense.head.weight.detach(), stats["head"].gram, model.head.rank)
+    torch.testing.assert_close(model.head.weight, second @ first, rtol=1e-9, atol=1e-9)
+    rows = {row.name: row for row in report.layers}
+    assert all(0 <= rows[name].output_error < 1 for name in ("a.first", "a.second", "head"))
+    assert report.settings["calibration"]["allocation"] == "uniform"
+
+
+@pytest.mark.parametrize("allocation", ["energy", "fisher"])
+@pytest.mark.parametrize("ratio", [0.2, 0.45, 0.7])
+def test_global_allocation_respects_the_budget_and_break_even(allocation, ratio):
+    model = block()
+    report = lowrank.compress(model, ratio, calibration=calibration(), allocation=allocation, progress=False)
+    assert report.params_after <= ratio * report.params_before
+    for name, layer in block().named_modules():
+        replaced = model.get_submodule(name) if name else None
+        if isinstance(replaced, LowRankLinear):
+            assert 1 <= replaced.rank <= break_even_rank(layer)
+    ranks = [row.rank for row in report.layers if row.replaced]
+    assert ranks and len(set(ranks)) >= 1
+
+
+def test_allocation_spends_the_budget_where_the_outputs_change_least():
+    # the head's inputs are nearly 6-dimensional, so global allocation gives it little and the others more
+    model = block()
+    lowrank.compress(model, 0.45, calibration=calibration(), allocation="energy", progress=False)
+    uniform = block()
+    lowrank.compress(uniform, 0.45, calibration=calibration(), allocation="uniform", progress=False)
+    held_out = correlated_inputs(256, seed=60)
+    assert output_error(model, block(), held_out) <= output_error(uniform, block(), held_out) * 1.05
+
+
+def test_rank_policies_read_the_whitened_spectrum():
+    model = block()
+    report = lowrank.compress(model, rank=lowrank.rank.Energy(0.999), calibration=calibration(), progress=False)
+    # the inputs live near a 6-dimensional subspace: 99.9% of the output energy needs few components
+    assert isinstance(model.a.first, LowRankLinear) and model.a.first.rank <= 8
+    assert report.settings["rank"] == "energy:0.999"
+
+
+def test_a_failure_midway_leaves_the_model_unchanged(monkeypatch):
+    model = block()
+    before = copy.deepcopy(model.state_dict())
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 4:  # three spectra, then the first factorization succeeds, the second fails
+            raise RuntimeError("boom")
+        return whitened_low_rank(*args, **kwargs)
+
+    monkeypatch.setattr("lowrank.data_aware.whitened_low_rank", failing)
+    with pytest.raises(RuntimeError, match="data-aware compression of the linear layers failed; the model is "
+                                           "unchanged: boom"):
+        lowrank.compress(model, 0.4, calibration=calibration(), allocation="uniform", progress=False)
+    assert all(type(m) in (Block, nn.Sequential, nn.Linear) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_healing_trains_only_the_factors_and_lowers_the_distillation_loss():
+    model = block()
+    data = calibration(batches=2)
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters()}
+    report = lowrank.compress(model, 0.3, calibration=data, allocation="uniform", heal_steps=40, progress=False)
+    healed = report.settings["heal"]
+    assert healed["steps"] == 40 and healed["loss_after"] < healed["loss_before"]
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):
+            torch.testing.assert_close(p, frozen[name], rtol=0, atol=0)  # biases are not factors: frozen
+        assert p.requires_grad and p.grad is None
+
+
+def test_layer_groups_follow_the_parents():
+    assert layer_groups(["l.0.q", "l.0.k", "l.0.v", "l.0.out", "l.1.q", "head"]) == [
+        ["l.0.q", "l.0.k", "l.0.v", "l.0.out"], ["l.1.q"], ["head"]
+    ]
+
+
+@pytest.mark.parametrize("ratio", [0.8])
+def test_minilm_data_aware_compression_keeps_embeddings_closer_than_plain_svd(ratio):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from minilm_task import checkpoint_dir, embed, retrieval_pairs, tokenizer
+
+    tok = tokenizer()
+    pairs = retrieval_pairs()
+    texts = [query for query, _ in pairs[:48]]
+    held_out = [document for _, document in pairs[100:132]]
+    dense = lowrank.io.load_pretrained(checkpoint_dir())
+    plain, calibrated = copy.deepcopy(dense), copy.deepcopy(dense)
+    lowrank.compress(plain, ratio, include=["encoder.*"], progress=False)
+    report = lowrank.compress(calibrated, ratio, include=["encoder.*"], calibration=texts, tokenizer=tok,
+                              progress=False)
+    assert report.params_after <= ratio * report.params_before
+    reference = embed(dense, tok, held_out)
+    cosine = {name: float((embed(m, tok, held_out) * reference).sum(1).mean())
+              for name, m in (("plain", plain), ("calibrated", calibrated))}
+    assert cosine["calibrated"] > cosine["plain"] + 0.1
