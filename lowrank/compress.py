@@ -355,6 +355,7 @@ def compress(
     calibration: Any = None,
     tokenizer: Any = None,
     allocation: str | None = None,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     whiten: bool = True,
     sequential: bool = True,
     heal_steps: int = 0,
@@ -429,10 +430,15 @@ def compress(
         Fisher allocation and no healing then).
     tokenizer : callable, optional
         The checkpoint's tokenizer, for texts.
-    allocation : {"uniform", "energy", "fisher"}, optional
+    allocation : {"uniform", "energy", "fisher", "sensitivity"}, optional
         How ``ratio`` is spent with calibration (see
-        :func:`lowrank.data_aware.choose_ranks`); default ``"fisher"``, the
-        best measured (``benchmarks/rank.py``).
+        :func:`lowrank.data_aware.compress_linears`); default ``"fisher"``,
+        the best measured (``benchmarks/rank.py``).
+    loss_fn : callable, optional
+        With calibration: ``loss_fn(model, batch) -> scalar tensor`` (``batch``
+        a :class:`lowrank.calibrate.CalibrationBatch`), a task loss for the
+        ``"fisher"`` allocation (instead of the distance to the dense model's
+        outputs) and for ``"sensitivity"`` (required there).
     whiten : bool
         With calibration: truncate the whitened weight (default) or the weight itself.
     sequential : bool
@@ -488,8 +494,8 @@ def compress(
             raise ValueError(
                 f"{policy} picks ranks from singular values, which method {spectrum_free[0]!r} has none of"
             )
-    calibrated = _calibration_settings(calibration, tokenizer, allocation, whiten, sequential, heal_steps,
-                                       heal_seconds, ratio, model)
+    calibrated = _calibration_settings(calibration, tokenizer, allocation, loss_fn, whiten, sequential,
+                                       heal_steps, heal_seconds, ratio, model)
 
     heads = _output_heads(model)
     targets, report = [], CompressionReport(settings={
@@ -550,6 +556,7 @@ class _Calibrated:
 
     batches: Any
     allocation: str
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None
     whiten: bool
     sequential: bool
     heal_steps: int
@@ -568,13 +575,15 @@ class _Calibrated:
 
 
 def _calibration_settings(
-    calibration: Any, tokenizer: Any, allocation: str | None, whiten: bool, sequential: bool, heal_steps: int,
-    heal_seconds: float | None, ratio: float | None, model: nn.Module,
+    calibration: Any, tokenizer: Any, allocation: str | None, loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
+    whiten: bool, sequential: bool, heal_steps: int, heal_seconds: float | None, ratio: float | None,
+    model: nn.Module,
 ) -> _Calibrated | None:
     """Check the calibration arguments of :func:`compress`; None without calibration data."""
     if calibration is None:
-        asked = [name for name, value in (("allocation", allocation), ("heal_steps", heal_steps or None),
-                                          ("heal_seconds", heal_seconds), ("tokenizer", tokenizer)) if value]
+        asked = [name for name, value in (("allocation", allocation), ("loss_fn", loss_fn),
+                                          ("heal_steps", heal_steps or None), ("heal_seconds", heal_seconds),
+                                          ("tokenizer", tokenizer)) if value]
         if asked:
             raise ValueError(f"{', '.join(asked)} need calibration data: give calibration=")
         return None
@@ -591,13 +600,16 @@ def _calibration_settings(
     parameter = next(model.parameters(), None)
     if callable(calibration) and not isinstance(calibration, nn.Module):
         batches = calibration
-        if allocation == "fisher" or heal_steps or heal_seconds is not None:
+        if allocation in ("fisher", "sensitivity") or heal_steps or heal_seconds is not None:
             raise ValueError("a callable calibration runs the model itself: it supports neither "
-                             "allocation='fisher' nor healing; give texts or batches")
+                             f"allocation={allocation!r} nor healing; give texts or batches")
     else:
         batches = calibration_batches(calibration, tokenizer=tokenizer,
                                       device=None if parameter is None else parameter.device)
-    calibrated = _Calibrated(batches, allocation, bool(whiten), bool(sequential), heal_steps, heal_seconds)
+    if allocation == "sensitivity" and loss_fn is None:
+        raise ValueError("allocation='sensitivity' needs loss_fn=: the distance to the dense model has no "
+                         "first-order change at the dense model")
+    calibrated = _Calibrated(batches, allocation, loss_fn, bool(whiten), bool(sequential), heal_steps, heal_seconds)
     if calibrated.heal:
         calibrated.targets = reference_outputs(model, batches)
     return calibrated
@@ -612,7 +624,7 @@ def _compress_calibrated(
         plans = compress_linears(
             model, layers, calibrated.batches, ratio=ratio,
             policy=FixedRank(rank) if rank is not None else policy, allocation=calibrated.allocation,
-            whiten=calibrated.whiten, sequential=calibrated.sequential, progress=progress,
+            whiten=calibrated.whiten, sequential=calibrated.sequential, loss_fn=calibrated.loss_fn, progress=progress,
         )
     except Exception as error:
         raise RuntimeError(f"data-aware compression of the linear layers failed; the model is unchanged: {error}") \

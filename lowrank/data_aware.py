@@ -6,11 +6,12 @@ given. The steps, each documented where it is done:
 1. statistics of the dense model: every target's input Gram matrix and, for the
    ``"fisher"`` allocation, the Fisher of its outputs (:mod:`lowrank.calibrate`);
 2. one spectrum per layer, of the weight whitened by those statistics, whose
-   squared singular values estimate what dropping each component costs;
+   squared singular values estimate what dropping each component costs (or, for
+   ``"sensitivity"``, the first-order change of a user loss when it is dropped);
 3. ranks: the same fraction of parameters per layer (``"uniform"``), or one
-   budget spent where it loses least (``"energy"``, ``"fisher"``), through
-   :func:`lowrank.rank.allocate_ranks`, or a :class:`lowrank.rank.RankPolicy`
-   applied to each whitened spectrum;
+   budget spent where it loses least (``"energy"``, ``"fisher"``,
+   ``"sensitivity"``), through :func:`lowrank.rank.allocate_ranks`, or a
+   :class:`lowrank.rank.RankPolicy` applied to each whitened spectrum;
 4. factors, layer group by layer group in forward order, each group whitened
    with the inputs it receives from the layers already compressed before it
    (sequential calibration, as GPTQ and SVD-LLM do).
@@ -19,7 +20,7 @@ given. The steps, each documented where it is done:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +29,11 @@ from tqdm.auto import tqdm
 
 from lowrank.calibrate import (
     Calibration,
+    CalibrationBatch,
+    cholesky_factor,
     collect_input_statistics,
     collect_output_fisher,
+    collect_weight_gradients,
     relative_output_error,
     run_calibration,
     whitened_low_rank,
@@ -37,7 +41,7 @@ from lowrank.calibrate import (
 from lowrank.nn import LowRankLinear, is_hf_conv1d, linear_rank_for_ratio, linear_weight
 from lowrank.rank import LayerBudget, RankPolicy, allocate_ranks
 
-ALLOCATIONS = ("uniform", "energy", "fisher")
+ALLOCATIONS = ("uniform", "energy", "fisher", "sensitivity")
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,19 @@ def _weight64(layer: nn.Module) -> torch.Tensor:
     return linear_weight(layer).detach().double()
 
 
+def first_order_scores(weight: torch.Tensor, gram: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """``|<G, dW_k>|`` for each component ``dW_k = s_k u_k v_k^T S^{-1}`` of the whitened SVD ``W S = U diag(s) V^T``.
+
+    ``G`` is the loss gradient with respect to ``W``, so this is the size of
+    the first-order change of the loss when component ``k`` is dropped (a
+    Taylor criterion, as in Molchanov et al. 2019, per singular component).
+    """
+    chol = cholesky_factor(gram)
+    u, s, vh = torch.linalg.svd(weight @ chol, full_matrices=False)
+    right = torch.linalg.solve_triangular(chol.T, vh.T, upper=True)  # S^{-T} V
+    return (s * ((u.T @ gradient) * right.T).sum(1)).abs()
+
+
 def choose_ranks(
     layers: dict[str, nn.Module],
     spectra: dict[str, torch.Tensor],
@@ -129,7 +146,8 @@ def choose_ranks(
         ``"uniform"`` gives every layer the largest rank within ``ratio`` of its
         own parameters; the others spend ``ratio`` of all the layers' parameters
         at once, dropping the components of least score per parameter
-        (:func:`lowrank.rank.allocate_ranks`).
+        (:func:`lowrank.rank.allocate_ranks`); ``spectra`` then holds the scores'
+        square roots for ``"sensitivity"``.
     normalize : bool
         Score a component by its squared singular value relative to the
         layer's total (``"energy"``: every layer's relative output error counts
@@ -176,6 +194,7 @@ def compress_linears(
     whiten: bool = True,
     sequential: bool = True,
     n_probes: int = 1,
+    loss_fn: Callable[[nn.Module, CalibrationBatch], torch.Tensor] | None = None,
     progress: bool = False,
 ) -> list[LinearPlan]:
     """Factorize linear layers of ``model`` on calibration data, replacing them in ``model`` as it goes.
@@ -197,12 +216,16 @@ def compress_linears(
         Fraction of the layers' parameters to keep (see :func:`choose_ranks`).
     policy : RankPolicy, optional
         A rank rule applied to each layer's whitened spectrum, instead of ``ratio``.
-    allocation : {"uniform", "energy", "fisher"}
+    allocation : {"uniform", "energy", "fisher", "sensitivity"}
         How ``ratio`` is spent (see :func:`choose_ranks`). ``"fisher"`` weights
         each layer's outputs by the Fisher of the model's output
         (:func:`lowrank.calibrate.collect_output_fisher`, ``n_probes`` probes
-        per batch), so that a component's score estimates the increase of the
-        distance to the dense model's outputs when it is dropped.
+        per batch; or of ``loss_fn``), so that a component's score estimates
+        the increase of the distance to the dense model's outputs (or of the
+        loss) when it is dropped. ``"sensitivity"`` scores each whitened
+        component by the first-order change of ``loss_fn`` when it is dropped
+        (:func:`first_order_scores`); the default loss has no first-order
+        change at the dense model, so this needs ``loss_fn``.
     whiten : bool
         Truncate the whitened weight ``W S`` (``S S^T`` the input Gram matrix),
         which minimises the error of the layer's outputs on the calibration
@@ -212,6 +235,9 @@ def compress_linears(
         compressed model (else from the dense one).
     n_probes : int
         Output probes per batch for the Fisher.
+    loss_fn : callable, optional
+        ``loss_fn(model, batch) -> scalar tensor``, a user loss for ``"fisher"``
+        (its empirical Fisher) and ``"sensitivity"``.
     progress : bool
         Show progress bars.
 
@@ -223,23 +249,30 @@ def compress_linears(
     """
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if allocation == "sensitivity" and loss_fn is None:
+        raise ValueError("allocation='sensitivity' needs loss_fn=: the default loss has no first-order change")
     order = forward_order(model, layers, calibration)
     layers = {name: layers[name] for name in order}
     stats = collect_input_statistics(model, layers, calibration, progress=progress)
-    fisher = None
+    fisher = gradients = None
     if allocation == "fisher":
-        fisher = collect_output_fisher(model, layers, calibration, n_probes=n_probes, progress=progress)
+        fisher = collect_output_fisher(model, layers, calibration, loss_fn=loss_fn,
+                                       n_probes=1 if loss_fn is not None else n_probes, progress=progress)
+    if allocation == "sensitivity":
+        gradients = collect_weight_gradients(model, layers, calibration, loss_fn, progress=progress)
     spectra = {}
     for name, layer in layers.items():
         weight = _weight64(layer)
-        if whiten:
+        if gradients is not None:
+            spectra[name] = first_order_scores(weight, stats[name].gram, gradients[name]).sqrt()
+        elif whiten:
             spectra[name] = whitened_low_rank(
                 weight, stats[name].gram, 1, output_gram=None if fisher is None else fisher[name]
             )[2]
         else:
             spectra[name] = torch.linalg.svdvals(weight)
     ranks = choose_ranks(layers, spectra, ratio=ratio, policy=policy, allocation=allocation,
-                         normalize=allocation != "fisher")
+                         normalize=allocation == "energy")
     plans: dict[str, LinearPlan] = {}
     replaced: list[tuple[nn.Module, str, nn.Module]] = []
     try:

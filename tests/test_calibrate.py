@@ -4,6 +4,7 @@ References are independent of the library: float64 ``torch.linalg`` on inputs ca
 computed by hand, ``torch.linalg.lstsq`` for least squares, analytic Jacobians of linear models.
 """
 
+import copy
 import sys
 from pathlib import Path
 
@@ -546,3 +547,26 @@ def test_minilm_output_fisher_and_whitening(minilm):
     whitened = relative_output_error(w, second @ first, stats.gram)
     plain = relative_output_error(w, svd_truncation(w, 96).float(), stats.gram)
     assert whitened < plain
+
+
+def test_weight_gradients_match_autograd_and_leave_the_model_as_it_was():
+    from lowrank.calibrate import collect_weight_gradients
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    model[2].weight.grad = torch.ones_like(model[2].weight)  # a user's gradient, kept
+    model[0].bias.requires_grad_(False)
+    xs = [torch.randn(4, 5, dtype=torch.float64) for _ in range(3)]
+
+    def loss_fn(m, batch):
+        return m(*batch.args).pow(2).sum()
+
+    grads = collect_weight_gradients(model, {"0": model[0], "2": model[2]}, calibration_batches(xs), loss_fn)
+    reference = copy.deepcopy(model)
+    reference.zero_grad(set_to_none=True)
+    for x in xs:
+        loss_fn(reference, CalibrationBatch((x,))).backward()
+    torch.testing.assert_close(grads["0"], reference[0].weight.grad)
+    torch.testing.assert_close(grads["2"], reference[2].weight.grad)
+    assert torch.equal(model[2].weight.grad, torch.ones(3, 7, dtype=torch.float64)) and model[0].weight.grad is None
+    assert not model[0].bias.requires_grad and model[0].weight.requires_grad

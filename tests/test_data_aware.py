@@ -147,6 +147,37 @@ def test_healing_trains_only_the_factors_and_lowers_the_distillation_loss():
         assert p.requires_grad and p.grad is None
 
 
+def test_sensitivity_allocation_reads_a_user_loss():
+    model = block()
+    target = torch.randn(64, 16, dtype=F64, generator=generator(70))
+
+    def loss_fn(m, batch):
+        return torch.mean((m(*batch.args) - target) ** 2)
+
+    report = lowrank.compress(model, 0.45, calibration=calibration(), allocation="sensitivity", loss_fn=loss_fn,
+                              progress=False)
+    assert report.params_after <= 0.45 * report.params_before
+    assert report.settings["calibration"]["allocation"] == "sensitivity"
+    with pytest.raises(ValueError, match="allocation='sensitivity' needs loss_fn="):
+        lowrank.compress(block(), 0.45, calibration=calibration(), allocation="sensitivity", progress=False)
+
+
+def test_first_order_scores_match_the_change_of_a_linear_loss():
+    from lowrank.data_aware import first_order_scores
+
+    gen = generator(71)
+    weight, x, direction = randn(8, 6, gen=gen), randn(40, 6, gen=gen), randn(8, 6, gen=gen)
+    gram = x.T @ x
+    scores = first_order_scores(weight, gram, direction)  # the loss <direction, W> has gradient `direction`
+    chol = torch.linalg.cholesky(gram)
+    u, s, vh = torch.linalg.svd(weight @ chol, full_matrices=False)
+    for k in range(6):
+        component = s[k] * torch.outer(u[:, k], torch.linalg.solve(chol.T, vh[k]))
+        assert abs(float(scores[k]) - abs(float((direction * component).sum()))) < 1e-9 * float(scores.max())
+    torch.testing.assert_close(sum(s[k] * torch.outer(u[:, k], torch.linalg.solve(chol.T, vh[k])) for k in range(6)),
+                               weight)
+
+
 def test_layer_groups_follow_the_parents():
     assert layer_groups(["l.0.q", "l.0.k", "l.0.v", "l.0.out", "l.1.q", "head"]) == [
         ["l.0.q", "l.0.k", "l.0.v", "l.0.out"], ["l.1.q"], ["head"]

@@ -431,3 +431,69 @@ def collect_output_fisher(
             raise ValueError(f"layer {name!r} received only padding positions during calibration")
         fisher[name] = acc.gram / (n_probes if loss_fn is None else 1)
     return fisher
+
+
+def collect_weight_gradients(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    calibration: Sequence[CalibrationBatch],
+    loss_fn: Callable[[nn.Module, CalibrationBatch], torch.Tensor],
+    *,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The gradient of a loss with respect to each layer's weight, summed over the calibration batches.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model; it runs in eval mode and only the watched weights record
+        gradients. Every parameter's ``requires_grad`` and ``grad`` and every
+        module's mode are restored afterwards, also on error.
+    layers : mapping of str to nn.Module
+        ``nn.Linear`` / Hugging Face ``Conv1D`` layers, by name.
+    calibration : sequence of CalibrationBatch
+        The batches.
+    loss_fn : callable
+        ``loss_fn(model, batch) -> scalar tensor``.
+    progress : bool
+        Show a progress bar over the batches.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        ``(out_features, in_features)`` float64 gradients (a ``Conv1D``'s transposed to that layout).
+
+    """
+    _check_layers(layers)
+    _check_calibration(calibration)
+    if not isinstance(calibration, Sequence):
+        raise TypeError("loss_fn needs a sequence of CalibrationBatch, not a calibration callable")
+    saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    watched = {name: layer.weight for name, layer in layers.items()}
+    totals = {name: torch.zeros_like(weight, dtype=torch.float64) for name, weight in watched.items()}
+    try:
+        for p, _, _ in saved:
+            p.requires_grad_(False)
+            p.grad = None
+        for weight in watched.values():
+            weight.requires_grad_(True)
+        with eval_mode(model), torch.enable_grad():
+            for batch in tqdm(calibration, desc="lowrank.calibrate", unit="batch", disable=not progress):
+                loss = loss_fn(model, batch)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                    raise ValueError(f"loss_fn must return a scalar tensor, got {got}")
+                if loss.requires_grad:
+                    loss.reshape(()).backward()
+                for name, weight in watched.items():
+                    if weight.grad is not None:
+                        totals[name] += weight.grad.double()
+                        weight.grad = None
+    finally:
+        for p, flag, grad in saved:
+            p.requires_grad_(flag)
+            p.grad = grad
+    for name, total in totals.items():
+        if not bool(total.any()):
+            raise ValueError(f"layer {name!r} received no gradient: the loss does not depend on its weight")
+    return {name: total.T if is_hf_conv1d(layers[name]) else total for name, total in totals.items()}
