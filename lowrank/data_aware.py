@@ -78,11 +78,14 @@ def break_even_rank(layer: nn.Module) -> int:
     return max(0, math.ceil(out_features * in_features / (out_features + in_features)) - 1)
 
 
-def forward_order(model: nn.Module, layers: dict[str, nn.Module], calibration: Calibration) -> list[str]:
-    """The names of ``layers`` in the order of their first call on the first calibration batch."""
-    order: list[str] = []
+def forward_calls(model: nn.Module, layers: dict[str, nn.Module], calibration: Calibration) -> dict[str, int]:
+    """How often each of ``layers`` runs in one forward pass on the first calibration batch, in order of first call.
+
+    Layers that never run come last, with 0.
+    """
+    calls: dict[str, int] = {}
     handles = [
-        module.register_forward_pre_hook(lambda _m, _a, name=name: order.append(name) if name not in order else None)
+        module.register_forward_pre_hook(lambda _m, _a, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
         for name, module in layers.items()
     ]
     try:
@@ -90,7 +93,7 @@ def forward_order(model: nn.Module, layers: dict[str, nn.Module], calibration: C
     finally:
         for handle in handles:
             handle.remove()
-    return order + [name for name in layers if name not in order]
+    return calls | {name: 0 for name in layers if name not in calls}
 
 
 def layer_groups(order: Sequence[str]) -> list[list[str]]:
@@ -251,7 +254,8 @@ def compress_linears(
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if allocation == "sensitivity" and loss_fn is None:
         raise ValueError("allocation='sensitivity' needs loss_fn=: the default loss has no first-order change")
-    order = forward_order(model, layers, calibration)
+    calls = forward_calls(model, layers, calibration)
+    order = list(calls)
     layers = {name: layers[name] for name in order}
     stats = collect_input_statistics(model, layers, calibration, progress=progress)
     fisher = gradients = None
@@ -275,12 +279,15 @@ def compress_linears(
                          normalize=allocation == "energy")
     plans: dict[str, LinearPlan] = {}
     replaced: list[tuple[nn.Module, str, nn.Module]] = []
+    # a forward pass may stop once a group has its inputs, unless some layer runs twice in one pass
+    early = isinstance(calibration, Sequence) and all(count == 1 for count in calls.values())
     try:
         for group in tqdm(layer_groups(order), desc="lowrank.compress (calibrated)", unit="group",
                           disable=not progress):
             todo = [name for name in group if ranks[name] is not None]
             if sequential and whiten and todo and replaced:
-                stats.update(collect_input_statistics(model, {name: layers[name] for name in todo}, calibration))
+                watched = {name: layers[name] for name in todo}
+                stats.update(collect_input_statistics(model, watched, calibration, stop_early=early))
             for name in todo:
                 plans[name] = _factorize(name, layers[name], ranks[name], stats[name].gram, whiten)
                 parent_name, _, child = name.rpartition(".")

@@ -570,3 +570,20 @@ def test_weight_gradients_match_autograd_and_leave_the_model_as_it_was():
     torch.testing.assert_close(grads["2"], reference[2].weight.grad)
     assert torch.equal(model[2].weight.grad, torch.ones(3, 7, dtype=torch.float64)) and model[0].weight.grad is None
     assert not model[0].bias.requires_grad and model[0].weight.requires_grad
+
+
+def test_stopping_each_forward_early_gives_the_same_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    batches = calibration_batches([torch.randn(4, 5, dtype=torch.float64) for _ in range(3)])
+    seen = []
+    model[4].register_forward_pre_hook(lambda m, a: seen.append(1))
+    layers = {"0": model[0], "2": model[2]}
+    early = collect_input_statistics(model, layers, batches, stop_early=True)
+    assert not seen  # the last layer never ran: each pass stopped once both inputs were in
+    full = collect_input_statistics(model, layers, batches)
+    for name in layers:
+        torch.testing.assert_close(early[name].gram, full[name].gram, rtol=0, atol=0)
+        assert early[name].count == full[name].count == 12
+    with pytest.raises(TypeError, match="stop_early needs a sequence of CalibrationBatch"):
+        collect_input_statistics(model, layers, lambda m: None, stop_early=True)

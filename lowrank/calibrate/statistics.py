@@ -90,6 +90,10 @@ class _Accumulator:
         self.count += rows.shape[0]
 
 
+class _AllInputsSeenError(Exception):
+    """Raised by a hook to abandon a forward pass once every watched layer has received its input."""
+
+
 class _BatchState:
     """The token mask of the batch being run (None: every row counts)."""
 
@@ -171,6 +175,7 @@ def collect_input_statistics(
     layers: Mapping[str, nn.Module],
     calibration: Calibration,
     *,
+    stop_early: bool = False,
     progress: bool = False,
 ) -> dict[str, InputStatistics]:
     """Gram matrices and channel magnitudes of the inputs of linear layers, over a calibration set.
@@ -191,6 +196,10 @@ def collect_input_statistics(
         ends in its feature dimension (a :class:`~lowrank.nn.LowRankLinear`).
     calibration : sequence of CalibrationBatch, or callable
         See :func:`run_calibration`; runs under ``torch.no_grad()``.
+    stop_early : bool
+        Abandon each forward pass as soon as every layer has received its
+        input (the rest of the model is not needed). Only for batches (not a
+        callable), and only right when each layer runs once per forward pass.
     progress : bool
         Show a progress bar over the batches.
 
@@ -221,19 +230,39 @@ def collect_input_statistics(
     state = _BatchState()
     accumulators = {name: _Accumulator(name, _features(layer, "in"), abs_sum=True) for name, layer in layers.items()}
 
+    if stop_early and not isinstance(calibration, Sequence):
+        raise TypeError("stop_early needs a sequence of CalibrationBatch, not a calibration callable")
+    pending: set[str] = set()
+
     def make_hook(acc: _Accumulator) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             acc.calls += 1
             acc.add(counted_rows(_layer_input(acc.name, args, kwargs), state.mask), "input")
+            pending.discard(acc.name)
+            if stop_early and not pending:
+                raise _AllInputsSeenError
 
         return hook
+
+    def start_batch(batch: CalibrationBatch) -> None:
+        state.set(batch)
+        pending.update(layers)
 
     handles = []
     try:
         for name, layer in layers.items():
             handles.append(layer.register_forward_pre_hook(make_hook(accumulators[name]), with_kwargs=True))
         with eval_mode(model):
-            run_calibration(model, calibration, on_batch=state.set, progress=progress)
+            if stop_early:
+                with torch.no_grad():
+                    for batch in tqdm(calibration, desc="lowrank.calibrate", unit="batch", disable=not progress):
+                        start_batch(batch)
+                        try:
+                            batch.run(model)
+                        except _AllInputsSeenError:
+                            pass
+            else:
+                run_calibration(model, calibration, on_batch=start_batch, progress=progress)
     finally:
         for handle in handles:
             handle.remove()
