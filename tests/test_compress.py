@@ -214,3 +214,18 @@ def test_hugging_face_conv1d_layers_are_compressed():
     assert abs(row.relative_error - float(expected.detach())) < 1e-12
     x = torch.randn(5, 32, dtype=F64, generator=generator(1))
     torch.testing.assert_close(model(x), model[2](torch.relu(model[0].to_dense()(x))))
+
+
+def test_vbmf_policy_finds_planted_tucker2_ranks_of_a_conv():
+    gen = generator(31)
+    core = torch.randn(6, 5, 3, 3, generator=gen, dtype=F64) * 10
+    left = torch.linalg.qr(torch.randn(48, 6, generator=gen, dtype=F64)).Q
+    right = torch.linalg.qr(torch.randn(40, 5, generator=gen, dtype=F64)).Q
+    weight = torch.einsum("oa,ib,abhw->oihw", left, right, core)
+    weight = weight + 0.01 * torch.randn(weight.shape, generator=gen, dtype=F64)
+    model = nn.Sequential(nn.Conv2d(40, 48, 3, padding=1)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(weight)
+    report = lowrank.compress(model, rank=lowrank.rank.VBMF(), progress=False)
+    assert report.layers[0].rank == (6, 5)
+    assert report.settings["rank"] == "vbmf"
