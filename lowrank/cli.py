@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     com.add_argument("--no-whiten", dest="whiten", action="store_false",
                      help="with --calibration: truncate the weights themselves, not the whitened weights")
+    com.add_argument("--refit", action="store_true",
+                     help="with --calibration: refit each second factor to the dense outputs (closed form)")
     com.add_argument("--heal-steps", type=int, default=0, metavar="N",
                      help="with --calibration: N steps of distillation towards the dense model after compressing")
     com.add_argument("--heal-seconds", type=float, metavar="S", help="with --calibration: at most S seconds of healing")
@@ -148,7 +150,7 @@ def _compress(args: argparse.Namespace) -> int:
     report = lowrank.compress(
         model, args.ratio, rank=args.rank, energy=args.energy, method=_parse_method(args.method),
         include=args.targets, exclude=args.exclude, kinds=args.kinds, progress=not args.quiet,
-        calibration=calibration, tokenizer=tokenizer, allocation=args.allocation, whiten=args.whiten,
+        calibration=calibration, tokenizer=tokenizer, allocation=args.allocation, whiten=args.whiten, refit=args.refit,
         heal_steps=args.heal_steps, heal_seconds=args.heal_seconds,
     )
     lowrank.save(model, args.output, report=report, overwrite=args.overwrite)

@@ -358,6 +358,7 @@ def compress(
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     whiten: bool = True,
     sequential: bool = True,
+    refit: bool = False,
     heal_steps: int = 0,
     heal_seconds: float | None = None,
     progress: bool = True,
@@ -444,6 +445,10 @@ def compress(
     sequential : bool
         With calibration: calibrate each layer on the inputs it receives from
         the layers compressed before it (default) or on the dense model's.
+    refit : bool
+        With calibration and ``sequential``: refit each second factor in
+        closed form so the layer, fed by the compressed layers before it,
+        reproduces the dense layer's outputs on the dense model's inputs.
     heal_steps : int
         With calibration: Adam steps of healing after compression (0: none).
     heal_seconds : float, optional
@@ -494,7 +499,7 @@ def compress(
             raise ValueError(
                 f"{policy} picks ranks from singular values, which method {spectrum_free[0]!r} has none of"
             )
-    calibrated = _calibration_settings(calibration, tokenizer, allocation, loss_fn, whiten, sequential,
+    calibrated = _calibration_settings(calibration, tokenizer, allocation, loss_fn, whiten, sequential, refit,
                                        heal_steps, heal_seconds, ratio, model)
 
     heads = _output_heads(model)
@@ -559,6 +564,7 @@ class _Calibrated:
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None
     whiten: bool
     sequential: bool
+    refit: bool
     heal_steps: int
     heal_seconds: float | None
     targets: list[torch.Tensor] | None = None
@@ -571,17 +577,18 @@ class _Calibrated:
         """The settings as JSON-able data for the report."""
         batches = "callable" if callable(self.batches) else len(self.batches)
         return {"batches": batches, "allocation": self.allocation, "whiten": self.whiten,
-                "sequential": self.sequential, "heal_steps": self.heal_steps, "heal_seconds": self.heal_seconds}
+                "sequential": self.sequential, "refit": self.refit, "heal_steps": self.heal_steps,
+                "heal_seconds": self.heal_seconds}
 
 
 def _calibration_settings(
     calibration: Any, tokenizer: Any, allocation: str | None, loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
-    whiten: bool, sequential: bool, heal_steps: int, heal_seconds: float | None, ratio: float | None,
-    model: nn.Module,
+    whiten: bool, sequential: bool, refit: bool, heal_steps: int, heal_seconds: float | None,
+    ratio: float | None, model: nn.Module,
 ) -> _Calibrated | None:
     """Check the calibration arguments of :func:`compress`; None without calibration data."""
     if calibration is None:
-        asked = [name for name, value in (("allocation", allocation), ("loss_fn", loss_fn),
+        asked = [name for name, value in (("allocation", allocation), ("loss_fn", loss_fn), ("refit", refit),
                                           ("heal_steps", heal_steps or None), ("heal_seconds", heal_seconds),
                                           ("tokenizer", tokenizer)) if value]
         if asked:
@@ -600,16 +607,17 @@ def _calibration_settings(
     parameter = next(model.parameters(), None)
     if callable(calibration) and not isinstance(calibration, nn.Module):
         batches = calibration
-        if allocation in ("fisher", "sensitivity") or heal_steps or heal_seconds is not None:
+        if allocation in ("fisher", "sensitivity") or refit or heal_steps or heal_seconds is not None:
             raise ValueError("a callable calibration runs the model itself: it supports neither "
-                             f"allocation={allocation!r} nor healing; give texts or batches")
+                             f"allocation={allocation!r}, refit nor healing; give texts or batches")
     else:
         batches = calibration_batches(calibration, tokenizer=tokenizer,
                                       device=None if parameter is None else parameter.device)
     if allocation == "sensitivity" and loss_fn is None:
         raise ValueError("allocation='sensitivity' needs loss_fn=: the distance to the dense model has no "
                          "first-order change at the dense model")
-    calibrated = _Calibrated(batches, allocation, loss_fn, bool(whiten), bool(sequential), heal_steps, heal_seconds)
+    calibrated = _Calibrated(batches, allocation, loss_fn, bool(whiten), bool(sequential), bool(refit), heal_steps,
+                             heal_seconds)
     if calibrated.heal:
         calibrated.targets = reference_outputs(model, batches)
     return calibrated
@@ -624,7 +632,8 @@ def _compress_calibrated(
         plans = compress_linears(
             model, layers, calibrated.batches, ratio=ratio,
             policy=FixedRank(rank) if rank is not None else policy, allocation=calibrated.allocation,
-            whiten=calibrated.whiten, sequential=calibrated.sequential, loss_fn=calibrated.loss_fn, progress=progress,
+            whiten=calibrated.whiten, sequential=calibrated.sequential, refit=calibrated.refit,
+            loss_fn=calibrated.loss_fn, progress=progress,
         )
     except Exception as error:
         raise RuntimeError(f"data-aware compression of the linear layers failed; the model is unchanged: {error}") \

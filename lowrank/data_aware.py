@@ -19,6 +19,7 @@ given. The steps, each documented where it is done:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,7 +34,9 @@ from lowrank.calibrate import (
     cholesky_factor,
     collect_input_statistics,
     collect_output_fisher,
+    collect_paired_statistics,
     collect_weight_gradients,
+    refit_second,
     relative_output_error,
     run_calibration,
     whitened_low_rank,
@@ -196,6 +199,7 @@ def compress_linears(
     allocation: str = "fisher",
     whiten: bool = True,
     sequential: bool = True,
+    refit: bool = False,
     n_probes: int = 1,
     loss_fn: Callable[[nn.Module, CalibrationBatch], torch.Tensor] | None = None,
     progress: bool = False,
@@ -236,6 +240,13 @@ def compress_linears(
     sequential : bool
         Whiten each group with the inputs it receives from the already
         compressed model (else from the dense one).
+    refit : bool
+        With ``sequential``: refit each second factor in closed form
+        (:func:`lowrank.calibrate.refit_second`) so that the layer, on the
+        inputs it receives in the compressed model, best reproduces the dense
+        layer's outputs on the dense model's inputs (the upstream error is
+        corrected, not only left uncompounded). Keeps a dense copy of the
+        model during the call.
     n_probes : int
         Output probes per batch for the Fisher.
     loss_fn : callable, optional
@@ -257,7 +268,8 @@ def compress_linears(
     calls = forward_calls(model, layers, calibration)
     order = list(calls)
     layers = {name: layers[name] for name in order}
-    stats = collect_input_statistics(model, layers, calibration, progress=progress)
+    stats = {name: s.gram for name, s in collect_input_statistics(model, layers, calibration,
+                                                                    progress=progress).items()}
     fisher = gradients = None
     if allocation == "fisher":
         fisher = collect_output_fisher(model, layers, calibration, loss_fn=loss_fn,
@@ -268,10 +280,10 @@ def compress_linears(
     for name, layer in layers.items():
         weight = _weight64(layer)
         if gradients is not None:
-            spectra[name] = first_order_scores(weight, stats[name].gram, gradients[name]).sqrt()
+            spectra[name] = first_order_scores(weight, stats[name], gradients[name]).sqrt()
         elif whiten:
             spectra[name] = whitened_low_rank(
-                weight, stats[name].gram, 1, output_gram=None if fisher is None else fisher[name]
+                weight, stats[name], 1, output_gram=None if fisher is None else fisher[name]
             )[2]
         else:
             spectra[name] = torch.linalg.svdvals(weight)
@@ -281,15 +293,27 @@ def compress_linears(
     replaced: list[tuple[nn.Module, str, nn.Module]] = []
     # a forward pass may stop once a group has its inputs, unless some layer runs twice in one pass
     early = isinstance(calibration, Sequence) and all(count == 1 for count in calls.values())
+    refit = refit and sequential and whiten
+    if refit and not isinstance(calibration, Sequence):
+        raise TypeError("refit needs a sequence of CalibrationBatch, not a calibration callable")
+    reference = copy.deepcopy(model) if refit else None
+    cross: dict[str, torch.Tensor] = {}
     try:
         for group in tqdm(layer_groups(order), desc="lowrank.compress (calibrated)", unit="group",
                           disable=not progress):
             todo = [name for name in group if ranks[name] is not None]
             if sequential and whiten and todo and replaced:
-                watched = {name: layers[name] for name in todo}
-                stats.update(collect_input_statistics(model, watched, calibration, stop_early=early))
+                if refit:
+                    for name, (gram, moment) in collect_paired_statistics(
+                        model, reference, todo, calibration, stop_early=early
+                    ).items():
+                        stats[name], cross[name] = gram, moment
+                else:
+                    watched = {name: layers[name] for name in todo}
+                    stats.update({name: s.gram for name, s in collect_input_statistics(
+                        model, watched, calibration, stop_early=early).items()})
             for name in todo:
-                plans[name] = _factorize(name, layers[name], ranks[name], stats[name].gram, whiten)
+                plans[name] = _factorize(name, layers[name], ranks[name], stats[name], whiten, cross.get(name))
                 parent_name, _, child = name.rpartition(".")
                 parent = model.get_submodule(parent_name)
                 replaced.append((parent, child, layers[name]))
@@ -302,11 +326,19 @@ def compress_linears(
     return [plans.get(name, LinearPlan(name, None, None, None, reason)) for name in order]
 
 
-def _factorize(name: str, layer: nn.Module, rank: int, gram: torch.Tensor, whiten: bool) -> LinearPlan:
-    """The low-rank replacement of ``layer`` at ``rank``, whitened by ``gram`` (or plain SVD)."""
+def _factorize(
+    name: str, layer: nn.Module, rank: int, gram: torch.Tensor, whiten: bool, cross: torch.Tensor | None = None
+) -> LinearPlan:
+    """The low-rank replacement of ``layer`` at ``rank``, whitened by ``gram`` (or plain SVD).
+
+    With ``cross`` (the cross moment of dense and compressed inputs), the second
+    factor is refitted to map the compressed inputs to the dense outputs.
+    """
     weight = _weight64(layer)
     if whiten:
         first, second, _ = whitened_low_rank(weight, gram, rank)
+        if cross is not None:
+            second = refit_second(weight, first, gram, cross)
         module = LowRankLinear(
             weight.shape[1], weight.shape[0], rank, layer.bias is not None,
             "Conv1D" if is_hf_conv1d(layer) else "Linear", device=layer.weight.device, dtype=layer.weight.dtype,

@@ -206,3 +206,32 @@ def test_minilm_data_aware_compression_keeps_embeddings_closer_than_plain_svd(ra
     cosine = {name: float((embed(m, tok, held_out) * reference).sum(1).mean())
               for name, m in (("plain", plain), ("calibrated", calibrated))}
     assert cosine["calibrated"] > cosine["plain"] + 0.1
+
+
+def test_refit_makes_a_later_layer_reproduce_the_dense_outputs_better():
+    data = calibration()
+    models = {}
+    for refit in (False, True):
+        models[refit] = block()
+        lowrank.compress(models[refit], 0.4, calibration=data, allocation="uniform", refit=refit, progress=False)
+    dense = block()
+
+    def head_io(model):
+        seen = []
+        handle = model.head.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+        with torch.no_grad():
+            for x in data:
+                model(x)
+        handle.remove()
+        return torch.cat([i for i, _ in seen]), torch.cat([o for _, o in seen])
+
+    dense_in, dense_out = head_io(dense)
+    errors = {}
+    for refit, model in models.items():
+        compressed_in, _ = head_io(model)
+        # the head's own output error against the dense head on the dense inputs (its biases cancel)
+        errors[refit] = float(torch.linalg.norm(model.head(compressed_in) - dense_out))
+    assert errors[True] < errors[False]
+    assert models[True].a.first.rank == models[False].a.first.rank
+    torch.testing.assert_close(models[True].a.first.weight, models[False].a.first.weight)  # nothing upstream
+    assert dense_in.shape[0] == 256

@@ -526,3 +526,89 @@ def collect_weight_gradients(
         if not bool(total.any()):
             raise ValueError(f"layer {name!r} received no gradient: the loss does not depend on its weight")
     return {name: total.T if is_hf_conv1d(layers[name]) else total for name, total in totals.items()}
+
+
+def collect_paired_statistics(
+    model: nn.Module,
+    reference: nn.Module,
+    names: Sequence[str],
+    calibration: Sequence[CalibrationBatch],
+    *,
+    stop_early: bool = False,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Input Gram matrices of layers of ``model`` and their cross moments with the same layers of ``reference``.
+
+    For the layer called ``name`` in both models (``model`` partly compressed,
+    ``reference`` the dense original), with ``x_c`` its input in ``model`` and
+    ``x_d`` in ``reference`` on the same token: ``G = sum x_c x_c^T`` and
+    ``C = sum x_d x_c^T``, the statistics of
+    :func:`lowrank.calibrate.refit_second` (float64, padding rows left out).
+    Each batch runs through ``reference`` first, then ``model``.
+
+    Parameters
+    ----------
+    model, reference : nn.Module
+        Two models with the same layer names.
+    names : sequence of str
+        The linear layers (``nn.Linear``, Hugging Face ``Conv1D`` or factorized).
+    calibration : sequence of CalibrationBatch
+        The batches.
+    stop_early : bool
+        Abandon each forward pass once every layer has received its input
+        (see :func:`collect_input_statistics`).
+
+    Returns
+    -------
+    dict of str to (torch.Tensor, torch.Tensor)
+        ``(G, C)`` per layer.
+
+    """
+    _check_calibration(calibration)
+    if not isinstance(calibration, Sequence):
+        raise TypeError("paired statistics need a sequence of CalibrationBatch, not a calibration callable")
+    state = _BatchState()
+    dense_rows: dict[str, torch.Tensor] = {}
+    sums: dict[str, list[torch.Tensor]] = {}
+    pending: set[str] = set()
+
+    def make_hook(name: str, dense: bool) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            rows = counted_rows(_layer_input(name, args, kwargs), state.mask).detach().double()
+            if dense:
+                dense_rows[name] = rows
+            else:
+                if name not in dense_rows or dense_rows[name].shape != rows.shape:
+                    raise ValueError(f"layer {name!r} received inputs of different shapes in the two models")
+                gram, cross = sums.setdefault(name, [rows.new_zeros(rows.shape[1], rows.shape[1]),
+                                                     rows.new_zeros(rows.shape[1], rows.shape[1])])
+                gram.addmm_(rows.T, rows)
+                cross.addmm_(dense_rows.pop(name).T, rows)
+            pending.discard(name)
+            if stop_early and not pending:
+                raise _AllInputsSeenError
+
+        return hook
+
+    handles = []
+    try:
+        for name in names:
+            handles.append(reference.get_submodule(name).register_forward_pre_hook(make_hook(name, True),
+                                                                                    with_kwargs=True))
+            handles.append(model.get_submodule(name).register_forward_pre_hook(make_hook(name, False),
+                                                                                with_kwargs=True))
+        with eval_mode(model), eval_mode(reference), torch.no_grad():
+            for batch in calibration:
+                state.set(batch)
+                for network in (reference, model):
+                    pending.update(names)
+                    try:
+                        batch.run(network)
+                    except _AllInputsSeenError:
+                        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in names if name not in sums]
+    if missing:
+        raise ValueError(f"layer {missing[0]!r} received no input during calibration (is it part of the model?)")
+    return {name: (sums[name][0], sums[name][1]) for name in names}
