@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     com.add_argument("--no-whiten", dest="whiten", action="store_false",
                      help="with --calibration: truncate the weights themselves, not the whitened weights")
-    com.add_argument("--refit", action="store_true",
-                     help="with --calibration: refit each second factor to the dense outputs (closed form)")
+    com.add_argument("--no-refit", dest="refit", action="store_false",
+                     help="with --calibration: do not refit the second factors to the dense outputs")
     com.add_argument("--heal-steps", type=int, default=0, metavar="N",
                      help="with --calibration: N steps of distillation towards the dense model after compressing")
     com.add_argument("--heal-seconds", type=float, metavar="S", help="with --calibration: at most S seconds of healing")

@@ -358,7 +358,7 @@ def compress(
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     whiten: bool = True,
     sequential: bool = True,
-    refit: bool = False,
+    refit: bool = True,
     heal_steps: int = 0,
     heal_seconds: float | None = None,
     progress: bool = True,
@@ -448,7 +448,8 @@ def compress(
     refit : bool
         With calibration and ``sequential``: refit each second factor in
         closed form so the layer, fed by the compressed layers before it,
-        reproduces the dense layer's outputs on the dense model's inputs.
+        reproduces the dense layer's outputs on the dense model's inputs
+        (default; keeps a dense copy of the model during the call).
     heal_steps : int
         With calibration: Adam steps of healing after compression (0: none).
     heal_seconds : float, optional
@@ -588,7 +589,7 @@ def _calibration_settings(
 ) -> _Calibrated | None:
     """Check the calibration arguments of :func:`compress`; None without calibration data."""
     if calibration is None:
-        asked = [name for name, value in (("allocation", allocation), ("loss_fn", loss_fn), ("refit", refit),
+        asked = [name for name, value in (("allocation", allocation), ("loss_fn", loss_fn),
                                           ("heal_steps", heal_steps or None), ("heal_seconds", heal_seconds),
                                           ("tokenizer", tokenizer)) if value]
         if asked:
@@ -607,9 +608,10 @@ def _calibration_settings(
     parameter = next(model.parameters(), None)
     if callable(calibration) and not isinstance(calibration, nn.Module):
         batches = calibration
-        if allocation in ("fisher", "sensitivity") or refit or heal_steps or heal_seconds is not None:
+        if allocation in ("fisher", "sensitivity") or heal_steps or heal_seconds is not None:
             raise ValueError("a callable calibration runs the model itself: it supports neither "
-                             f"allocation={allocation!r}, refit nor healing; give texts or batches")
+                             f"allocation={allocation!r} nor healing; give texts or batches")
+        refit = False  # the paired statistics run the model batch by batch
     else:
         batches = calibration_batches(calibration, tokenizer=tokenizer,
                                       device=None if parameter is None else parameter.device)
