@@ -543,16 +543,18 @@ def compress(
             replacements.append((name, factorized))
     if data_aware:
         _compress_calibrated(model, data_aware, calibrated, ratio, fixed_rank, policy, report, progress)
+    originals = [(name, module) for name, module, _ in targets if name in data_aware or name in dict(replacements)]
     try:
         swap_modules(model, replacements)
-    except Exception:
-        swap_modules(model, list(data_aware.items()))
-        raise
-    if calibrated is not None and calibrated.heal:
-        report.settings["heal"] = asdict(heal(
-            model, calibrated.batches, calibrated.targets, steps=calibrated.heal_steps or None,
-            seconds=calibrated.heal_seconds, progress=progress,
-        ))
+        if calibrated is not None and calibrated.heal:
+            report.settings["heal"] = asdict(heal(
+                model, calibrated.batches, calibrated.targets, steps=calibrated.heal_steps or None,
+                seconds=calibrated.heal_seconds, progress=progress,
+            ))
+    except Exception as error:
+        swap_modules(model, originals)
+        raise RuntimeError(f"compression failed after the layers were factorized; the model is unchanged: {error}") \
+            from error
     return report
 
 

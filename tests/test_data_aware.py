@@ -1,6 +1,7 @@
 """Data-aware compression: whitening, budget allocation, sequential calibration, healing, all-or-nothing."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -186,7 +187,6 @@ def test_layer_groups_follow_the_parents():
 
 @pytest.mark.parametrize("ratio", [0.8])
 def test_minilm_data_aware_compression_keeps_embeddings_closer_than_plain_svd(ratio):
-    import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -236,3 +236,17 @@ def test_refit_makes_a_later_layer_reproduce_the_dense_outputs_better():
     assert models[True].a.first.rank == models[False].a.first.rank
     torch.testing.assert_close(models[True].a.first.weight, models[False].a.first.weight)  # nothing upstream
     assert dense_in.shape[0] == 256
+
+
+def test_a_failure_while_healing_leaves_the_model_unchanged(monkeypatch):
+    model = block()
+    before = copy.deepcopy(model.state_dict())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(sys.modules["lowrank.compress"], "heal", broken)  # the module, not the function
+    with pytest.raises(RuntimeError, match="the model is unchanged: out of memory"):
+        lowrank.compress(model, 0.4, calibration=calibration(), heal_steps=5, progress=False)
+    assert all(type(m) in (Block, nn.Sequential, nn.Linear) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
