@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     com.add_argument("--no-whiten", dest="whiten", action="store_false",
                      help="with --calibration: truncate the weights themselves, not the whitened weights")
+    com.add_argument("--asvd", dest="whiten", action="store_const", const="asvd",
+                     help="with --calibration: scale input channels by their mean activation (ASVD), not whiten")
     com.add_argument("--no-refit", dest="refit", action="store_false",
                      help="with --calibration: do not refit the second factors to the dense outputs")
     com.add_argument("--heal-steps", type=int, default=0, metavar="N",

@@ -356,7 +356,7 @@ def compress(
     tokenizer: Any = None,
     allocation: str | None = None,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-    whiten: bool = True,
+    whiten: bool | str = True,
     sequential: bool = True,
     refit: bool = True,
     heal_steps: int = 0,
@@ -440,8 +440,10 @@ def compress(
         a :class:`lowrank.calibrate.CalibrationBatch`), a task loss for the
         ``"fisher"`` allocation (instead of the distance to the dense model's
         outputs) and for ``"sensitivity"`` (required there).
-    whiten : bool
-        With calibration: truncate the whitened weight (default) or the weight itself.
+    whiten : bool or "asvd"
+        With calibration: truncate the whitened weight (default), the weight
+        with its input channels scaled by their mean activation (``"asvd"``,
+        cheaper), or the weight itself (False).
     sequential : bool
         With calibration: calibrate each layer on the inputs it receives from
         the layers compressed before it (default) or on the dense model's.
@@ -565,7 +567,7 @@ class _Calibrated:
     batches: Any
     allocation: str
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None
-    whiten: bool
+    whiten: bool | str
     sequential: bool
     refit: bool
     heal_steps: int
@@ -586,7 +588,7 @@ class _Calibrated:
 
 def _calibration_settings(
     calibration: Any, tokenizer: Any, allocation: str | None, loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
-    whiten: bool, sequential: bool, refit: bool, heal_steps: int, heal_seconds: float | None,
+    whiten: bool | str, sequential: bool, refit: bool, heal_steps: int, heal_seconds: float | None,
     ratio: float | None, model: nn.Module,
 ) -> _Calibrated | None:
     """Check the calibration arguments of :func:`compress`; None without calibration data."""
@@ -620,7 +622,9 @@ def _calibration_settings(
     if allocation == "sensitivity" and loss_fn is None:
         raise ValueError("allocation='sensitivity' needs loss_fn=: the distance to the dense model has no "
                          "first-order change at the dense model")
-    calibrated = _Calibrated(batches, allocation, loss_fn, bool(whiten), bool(sequential), bool(refit), heal_steps,
+    if whiten not in (True, False, "asvd"):
+        raise ValueError(f"whiten must be True, False or 'asvd', got {whiten!r}")
+    calibrated = _Calibrated(batches, allocation, loss_fn, whiten, bool(sequential), bool(refit), heal_steps,
                              heal_seconds)
     if calibrated.heal:
         calibrated.targets = reference_outputs(model, batches)

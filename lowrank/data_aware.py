@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from lowrank.calibrate import (
     Calibration,
     CalibrationBatch,
+    asvd_low_rank,
     cholesky_factor,
     collect_input_statistics,
     collect_output_fisher,
@@ -197,7 +198,7 @@ def compress_linears(
     ratio: float | None = None,
     policy: RankPolicy | None = None,
     allocation: str = "fisher",
-    whiten: bool = True,
+    whiten: bool | str = True,
     sequential: bool = True,
     refit: bool = False,
     n_probes: int = 1,
@@ -233,10 +234,12 @@ def compress_linears(
         component by the first-order change of ``loss_fn`` when it is dropped
         (:func:`first_order_scores`); the default loss has no first-order
         change at the dense model, so this needs ``loss_fn``.
-    whiten : bool
+    whiten : bool or "asvd"
         Truncate the whitened weight ``W S`` (``S S^T`` the input Gram matrix),
         which minimises the error of the layer's outputs on the calibration
-        inputs; False truncates the weight itself (plain SVD).
+        inputs; ``"asvd"`` scales the input channels by their mean absolute
+        activation instead (ASVD, cheaper: no Cholesky factor, no refit);
+        False truncates the weight itself (plain SVD).
     sequential : bool
         Whiten each group with the inputs it receives from the already
         compressed model (else from the dense one).
@@ -268,8 +271,11 @@ def compress_linears(
     calls = forward_calls(model, layers, calibration)
     order = list(calls)
     layers = {name: layers[name] for name in order}
-    stats = {name: s.gram for name, s in collect_input_statistics(model, layers, calibration,
-                                                                    progress=progress).items()}
+    if whiten not in (True, False, "asvd"):
+        raise ValueError(f"whiten must be True, False or 'asvd', got {whiten!r}")
+    inputs = collect_input_statistics(model, layers, calibration, progress=progress)
+    stats = {name: s.gram for name, s in inputs.items()}
+    abs_means = {name: s.abs_mean for name, s in inputs.items()}
     fisher = gradients = None
     if allocation == "fisher":
         fisher = collect_output_fisher(model, layers, calibration, loss_fn=loss_fn,
@@ -281,6 +287,8 @@ def compress_linears(
         weight = _weight64(layer)
         if gradients is not None:
             spectra[name] = first_order_scores(weight, stats[name], gradients[name]).sqrt()
+        elif whiten == "asvd":
+            spectra[name] = asvd_low_rank(weight, abs_means[name], 1)[2]
         elif whiten:
             spectra[name] = whitened_low_rank(
                 weight, stats[name], 1, output_gram=None if fisher is None else fisher[name]
@@ -293,7 +301,7 @@ def compress_linears(
     replaced: list[tuple[nn.Module, str, nn.Module]] = []
     # a forward pass may stop once a group has its inputs, unless some layer runs twice in one pass
     early = isinstance(calibration, Sequence) and all(count == 1 for count in calls.values())
-    refit = refit and sequential and whiten
+    refit = refit and sequential and whiten is True
     if refit and not isinstance(calibration, Sequence):
         raise TypeError("refit needs a sequence of CalibrationBatch, not a calibration callable")
     reference = copy.deepcopy(model) if refit else None
@@ -310,10 +318,11 @@ def compress_linears(
                         stats[name], cross[name] = gram, moment
                 else:
                     watched = {name: layers[name] for name in todo}
-                    stats.update({name: s.gram for name, s in collect_input_statistics(
-                        model, watched, calibration, stop_early=early).items()})
+                    for name, s in collect_input_statistics(model, watched, calibration, stop_early=early).items():
+                        stats[name], abs_means[name] = s.gram, s.abs_mean
             for name in todo:
-                plans[name] = _factorize(name, layers[name], ranks[name], stats[name], whiten, cross.get(name))
+                plans[name] = _factorize(name, layers[name], ranks[name], whiten, stats[name], abs_means[name],
+                                         cross.get(name))
                 parent_name, _, child = name.rpartition(".")
                 parent = model.get_submodule(parent_name)
                 replaced.append((parent, child, layers[name]))
@@ -327,16 +336,20 @@ def compress_linears(
 
 
 def _factorize(
-    name: str, layer: nn.Module, rank: int, gram: torch.Tensor, whiten: bool, cross: torch.Tensor | None = None
+    name: str, layer: nn.Module, rank: int, whiten: bool | str, gram: torch.Tensor, abs_mean: torch.Tensor,
+    cross: torch.Tensor | None = None,
 ) -> LinearPlan:
-    """The low-rank replacement of ``layer`` at ``rank``, whitened by ``gram`` (or plain SVD).
+    """The low-rank replacement of ``layer`` at ``rank``: whitened by ``gram``, ASVD-scaled by ``abs_mean``, or plain.
 
     With ``cross`` (the cross moment of dense and compressed inputs), the second
     factor is refitted to map the compressed inputs to the dense outputs.
     """
     weight = _weight64(layer)
     if whiten:
-        first, second, _ = whitened_low_rank(weight, gram, rank)
+        if whiten == "asvd":
+            first, second, _ = asvd_low_rank(weight, abs_mean, rank)
+        else:
+            first, second, _ = whitened_low_rank(weight, gram, rank)
         if cross is not None:
             second = refit_second(weight, first, gram, cross)
         module = LowRankLinear(

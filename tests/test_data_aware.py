@@ -250,3 +250,16 @@ def test_a_failure_while_healing_leaves_the_model_unchanged(monkeypatch):
         lowrank.compress(model, 0.4, calibration=calibration(), heal_steps=5, progress=False)
     assert all(type(m) in (Block, nn.Sequential, nn.Linear) for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_asvd_scaling_is_a_cheaper_data_aware_option():
+    held_out = correlated_inputs(256, seed=80)
+    dense = block()
+    plain, asvd = copy.deepcopy(dense), copy.deepcopy(dense)
+    lowrank.compress(plain, 0.6, progress=False)
+    report = lowrank.compress(asvd, 0.6, calibration=calibration(), allocation="uniform", whiten="asvd",
+                              progress=False)
+    assert report.settings["calibration"]["whiten"] == "asvd"
+    assert output_error(asvd, dense, held_out) < output_error(plain, dense, held_out)
+    with pytest.raises(ValueError, match="whiten must be True, False or 'asvd', got 'yes'"):
+        lowrank.compress(block(), 0.6, calibration=calibration(), whiten="yes", progress=False)
