@@ -200,7 +200,7 @@ def compress_linears(
     allocation: str = "fisher",
     whiten: bool | str = True,
     sequential: bool = True,
-    refit: bool = False,
+    refit: bool = True,
     n_probes: int = 1,
     loss_fn: Callable[[nn.Module, CalibrationBatch], torch.Tensor] | None = None,
     progress: bool = False,
