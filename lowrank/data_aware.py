@@ -230,7 +230,9 @@ def compress_linears(
         (:func:`lowrank.calibrate.collect_output_fisher`, ``n_probes`` probes
         per batch; or of ``loss_fn``), so that a component's score estimates
         the increase of the distance to the dense model's outputs (or of the
-        loss) when it is dropped. ``"sensitivity"`` scores each whitened
+        loss) when it is dropped; layers the loss does not depend on (a
+        pooler, when the probed output is the last hidden state) keep
+        ``ratio`` of their own parameters, outside the shared budget. ``"sensitivity"`` scores each whitened
         component by the first-order change of ``loss_fn`` when it is dropped
         (:func:`first_order_scores`); the default loss has no first-order
         change at the dense model, so this needs ``loss_fn``.
@@ -278,7 +280,7 @@ def compress_linears(
     abs_means = {name: s.abs_mean for name, s in inputs.items()}
     fisher = gradients = None
     if allocation == "fisher":
-        fisher = collect_output_fisher(model, layers, calibration, loss_fn=loss_fn,
+        fisher = collect_output_fisher(model, layers, calibration, loss_fn=loss_fn, skip_unreached=True,
                                        n_probes=1 if loss_fn is not None else n_probes, progress=progress)
     if allocation == "sensitivity":
         gradients = collect_weight_gradients(model, layers, calibration, loss_fn, progress=progress)
@@ -291,12 +293,16 @@ def compress_linears(
             spectra[name] = asvd_low_rank(weight, abs_means[name], 1)[2]
         elif whiten:
             spectra[name] = whitened_low_rank(
-                weight, stats[name], 1, output_gram=None if fisher is None else fisher[name]
+                weight, stats[name], 1, output_gram=None if fisher is None else fisher.get(name)
             )[2]
         else:
             spectra[name] = torch.linalg.svdvals(weight)
-    ranks = choose_ranks(layers, spectra, ratio=ratio, policy=policy, allocation=allocation,
+    # layers the loss does not see (a pooler under the default probe) keep ``ratio`` of their own parameters
+    unreached = {name: layer for name, layer in layers.items() if fisher is not None and name not in fisher}
+    reached = {name: layer for name, layer in layers.items() if name not in unreached}
+    ranks = choose_ranks(reached, spectra, ratio=ratio, policy=policy, allocation=allocation,
                          normalize=allocation == "energy")
+    ranks.update(choose_ranks(unreached, spectra, ratio=ratio, policy=policy, allocation="uniform", normalize=False))
     plans: dict[str, LinearPlan] = {}
     replaced: list[tuple[nn.Module, str, nn.Module]] = []
     # a forward pass may stop once a group has its inputs, unless some layer runs twice in one pass

@@ -263,3 +263,22 @@ def test_asvd_scaling_is_a_cheaper_data_aware_option():
     assert output_error(asvd, dense, held_out) < output_error(plain, dense, held_out)
     with pytest.raises(ValueError, match="whiten must be True, False or 'asvd', got 'yes'"):
         lowrank.compress(block(), 0.6, calibration=calibration(), whiten="yes", progress=False)
+
+
+def test_a_layer_the_output_does_not_depend_on_keeps_its_own_ratio():
+    class WithPooler(Block):
+        def __init__(self):
+            super().__init__()
+            self.pooler = nn.Linear(16, 16)
+
+        def forward(self, x):
+            hidden = super().forward(x)
+            self.pooler(hidden)  # computed, but not part of the output
+            return hidden
+
+    torch.manual_seed(0)
+    model = WithPooler().double().eval()
+    report = lowrank.compress(model, 0.45, calibration=calibration(), progress=False)
+    pooler = next(row for row in report.layers if row.name == "pooler")
+    assert pooler.replaced and pooler.params_after <= 0.45 * pooler.params_before
+    assert report.params_after <= 0.45 * report.params_before

@@ -305,6 +305,7 @@ def collect_output_fisher(
     loss_fn: Callable[[nn.Module, CalibrationBatch], torch.Tensor] | None = None,
     n_probes: int = 1,
     seed: int = 0,
+    skip_unreached: bool = False,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Second moments of the gradients with respect to linear layers' *outputs* (output-side Fisher).
@@ -352,6 +353,9 @@ def collect_output_fisher(
         Independent probes per batch (default loss only).
     seed : int
         Seed of the probes' generator.
+    skip_unreached : bool
+        Leave out of the result, instead of raising, the layers whose output
+        the loss does not depend on (such as a pooler under the default probe).
     progress : bool
         Show a progress bar over the batches.
 
@@ -453,6 +457,8 @@ def collect_output_fisher(
                 f"layer {name!r} ran without gradient recording: the calibration runs the model under torch.no_grad()"
             )
         if received[name] == 0:
+            if skip_unreached:
+                continue
             raise ValueError(
                 f"layer {name!r} received no gradient during calibration: the loss does not depend on its output"
             )
