@@ -23,20 +23,54 @@ from lowrank.decompose._linalg import leading_left_subspace, unfold
 from lowrank.decompose.factorizations import SearchStep, TensorNetwork, network_expression, network_subscripts
 
 
-def environment(cores: Sequence[torch.Tensor], k: int) -> torch.Tensor:
+def environment(cores: Sequence[torch.Tensor], k: int, partner: int | None = None,
+                rest: torch.Tensor | None = None) -> torch.Tensor:
     """Contract every core but ``k`` into a matrix ``(bonds of core k, physical modes of the others)``.
 
     Rows run over core ``k``'s bonds in the order of its dimensions, columns
     over the other modes in increasing order, as in the mode-``k`` unfolding.
+    With ``rest`` (:func:`rest_of_pair` of ``k`` and ``partner``), only the
+    partner's core is contracted with it.
     """
     ndim = len(cores)
     inputs, output = network_subscripts(ndim)
     others = [i for i in range(ndim) if i != k]
     result = "".join(inputs[k][j] for j in others) + "".join(output[j] for j in others)
-    equation = ",".join(inputs[i] for i in others) + "->" + result
-    operands = [cores[i] for i in others]
+    if rest is None:
+        operands = [cores[i] for i in others]
+        subscripts = [inputs[i] for i in others]
+    else:
+        operands = [rest, cores[partner]]
+        subscripts = [_rest_subscripts(ndim, k, partner), inputs[partner]]
+    equation = ",".join(subscripts) + "->" + result
     env = network_expression(equation, *(tuple(op.shape) for op in operands))(*operands, backend="torch")
     return env.reshape(math.prod(cores[k].shape[j] for j in others), -1)
+
+
+def _rest_subscripts(ndim: int, i: int, j: int) -> str:
+    """Indices of :func:`rest_of_pair`: the bonds of ``i``, then of ``j``, to the others, then their modes."""
+    inputs, output = network_subscripts(ndim)
+    others = [m for m in range(ndim) if m not in (i, j)]
+    first, second = min(i, j), max(i, j)
+    return (
+        "".join(inputs[first][m] for m in others)
+        + "".join(inputs[second][m] for m in others)
+        + "".join(output[m] for m in others)
+    )
+
+
+def rest_of_pair(cores: Sequence[torch.Tensor], i: int, j: int) -> torch.Tensor:
+    """Contract every core but ``i`` and ``j``: what both their environments share.
+
+    A structure search scores a bond by refitting the two cores it joins; the
+    other cores do not change meanwhile, so this contraction is done once.
+    """
+    ndim = len(cores)
+    inputs, _ = network_subscripts(ndim)
+    others = [m for m in range(ndim) if m not in (i, j)]
+    equation = ",".join(inputs[m] for m in others) + "->" + _rest_subscripts(ndim, i, j)
+    operands = [cores[m] for m in others]
+    return network_expression(equation, *(tuple(op.shape) for op in operands))(*operands, backend="torch")
 
 
 def als_update(
@@ -44,13 +78,16 @@ def als_update(
     cores: list[torch.Tensor],
     k: int,
     ridge: float,
+    partner: int | None = None,
+    rest: torch.Tensor | None = None,
     mask_unfolding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """The least-squares core ``k`` given all others, and the squared error it leaves.
 
     Solves ``min ||X_(k) - G M||² + ridge * trace(M Mᵀ) / R * ||G||²`` through
     the normal equations in float64, where ``X_(k)`` is the mode-``k`` unfolding
-    of the target and ``M`` the :func:`environment` of core ``k``.
+    of the target and ``M`` the :func:`environment` of core ``k`` (from
+    ``rest``, the contraction of all cores but ``k`` and ``partner``, if given).
     With ``mask_unfolding`` (1 where an entry is observed, 0 elsewhere; the
     target must be 0 where it is not observed), only observed entries count:
     each row of ``G`` (one index of mode ``k``) is the least-squares solution
@@ -65,7 +102,7 @@ def als_update(
         (add the target's squared norm to get the error).
 
     """
-    env = environment(cores, k).double()
+    env = environment(cores, k, partner, rest).double()
     rhs = target_unfolding.double() @ env.T
     if mask_unfolding is None:
         gram = env @ env.T
@@ -112,7 +149,8 @@ def als(
     n_sweeps : int
         Largest number of sweeps over ``modes``.
     modes : sequence of int, optional
-        The cores to update (all by default).
+        The cores to update (all by default). Two modes are fitted from the
+        contraction of the other cores, done once.
     mask : torch.Tensor, optional
         1 where an entry of ``target`` is observed and 0 elsewhere: only the
         observed entries are fitted, and the error is theirs.
@@ -127,11 +165,14 @@ def als(
     modes = range(len(cores)) if modes is None else modes
     unfoldings = {k: unfold(target, k) for k in modes}
     mask_unfoldings = {k: None if mask is None else unfold(mask, k) for k in modes}
+    pair = len(modes) == 2 and len(cores) > 2
+    rest = rest_of_pair(cores, *modes) if pair else None
     previous = math.inf
     error = math.inf
     for _ in range(n_sweeps):
         for k in modes:
-            cores[k], offset = als_update(unfoldings[k], cores, k, ridge, mask_unfoldings[k])
+            partner = (modes[1] if k == modes[0] else modes[0]) if pair else None
+            cores[k], offset = als_update(unfoldings[k], cores, k, ridge, partner, rest, mask_unfoldings[k])
         error = math.sqrt(max(sq_norm + offset, 0.0) / sq_norm) if sq_norm > 0 else 0.0
         if previous - error <= stop_rtol * error or time.perf_counter() > deadline:
             break
@@ -366,9 +407,6 @@ def _checked_budget(max_params: int | None, shape: Sequence[int]) -> int | None:
     return max_params
 
 
-EXP = {"score32": False, "accept": 1, "rel": 0.0}
-
-
 def _best_candidate(
     cores: list[torch.Tensor],
     fitted: Entries,
@@ -380,14 +418,16 @@ def _best_candidate(
     generator: torch.Generator,
     deadline: float,
 ) -> list[torch.Tensor] | None:
+    """The cores with the bond of best gain per parameter grown; None when no bond fits or helps.
+
+    A bond of rank ``r`` grows by ``max(1, floor(growth * r))``, less where its
+    bound or the budget allow less. The gain is the drop of the error on the
+    ``held_out`` entries if given, else on the fitted ones.
+    """
     params = sum(c.numel() for c in cores)
     ndim = len(cores)
     current = error if held_out is None else held_out.error(cores)
-    work = cores
-    if EXP["score32"]:
-        work = [c.float() for c in cores]
-        fitted = Entries(fitted.target.float(), None if fitted.mask is None else fitted.mask.float(), fitted.sq_norm)
-    scored = []
+    best, best_gain = None, 0.0
     for i, j in itertools.combinations(range(ndim), 2):
         per_rank = cores[i].numel() // cores[i].shape[j] + cores[j].numel() // cores[j].shape[i]
         count = min(max(1, math.floor(growth * cores[i].shape[j])), bond_bound(cores, i, j) - cores[i].shape[j])
@@ -398,34 +438,15 @@ def _best_candidate(
         added = count * per_rank
         if time.perf_counter() > deadline:
             return None  # a step cut short compares too few bonds to be trusted
-        candidate = grow(work, i, j, generator, count)
+        candidate = grow(cores, i, j, generator, count)
         candidate_error = als(fitted.target, candidate, fitted.sq_norm, sweeps, modes=(i, j), mask=fitted.mask,
                               stop_rtol=0.0)
         if held_out is not None:
             candidate_error = held_out.error(candidate)
         gain = (current - candidate_error) / added
-        if gain > 0:
-            scored.append((gain, i, j, added, candidate[i], candidate[j]))
-    if not scored:
-        return None
-    scored.sort(key=lambda t: -t[0])
-    best_gain = scored[0][0]
-    out = list(cores)
-    used: set[int] = set()
-    total = 0
-    n = 0
-    for gain, i, j, added, ci, cj in scored:
-        if n >= EXP["accept"]:
-            break
-        if n and (gain < EXP["rel"] * best_gain or i in used or j in used):
-            continue
-        if max_params is not None and params + total + added > max_params:
-            continue
-        out[i], out[j] = ci.to(cores[i].dtype), cj.to(cores[j].dtype)
-        used |= {i, j}
-        total += added
-        n += 1
-    return out
+        if gain > best_gain:
+            best, best_gain = candidate, gain
+    return best
 
 
 def _step(cores: Sequence[torch.Tensor], error: float, held_out: Entries | None, start: float) -> SearchStep:
