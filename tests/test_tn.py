@@ -4,11 +4,20 @@ import string
 
 import pytest
 import torch
-from conftest import generator, planted_tt, randn, random_tr_cores, random_tt_cores, rel_err, tr_to_tensor, tt_to_tensor
+from conftest import (
+    add_noise,
+    generator,
+    planted_tt,
+    randn,
+    random_tr_cores,
+    random_tt_cores,
+    tr_to_tensor,
+    tt_to_tensor,
+)
 
 import lowrank
 from lowrank.decompose import TR, TT, TensorNetwork, tn, tn_adam, tn_als
-from lowrank.decompose.tn import als, als_update, environment, grow, rest_of_pair
+from lowrank.decompose.tn import HOLDOUT_PATIENCE, als, als_update, bond_slices, environment, join_slices
 
 F64 = torch.float64
 
@@ -154,28 +163,46 @@ def test_adam_fits_any_differentiable_loss():
     assert after < 0.5 * before
 
 
-def test_environment_rows_are_core_bonds_and_the_shared_rest_gives_the_same():
-    cores = random_network((4, 5, 6), {(0, 1): 2, (1, 2): 3}, seed=3)
-    env = environment(cores, 1)
-    assert env.shape == (2 * 3, 4 * 6)
-    cores = random_network((3, 4, 5, 3, 4), TRIANGLE_CHAIN, seed=4)
-    for i, j in [(0, 1), (2, 3), (1, 4), (4, 0)]:
-        rest = rest_of_pair(cores, i, j)
-        torch.testing.assert_close(environment(cores, i, j, rest), environment(cores, i), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(environment(cores, j, i, rest), environment(cores, j), rtol=1e-12, atol=1e-12)
+def test_environment_is_the_design_matrix_of_a_core():
+    # the mode-k unfolding of the network is core k (as n_k x bonds) times its environment
+    shape = (3, 4, 5, 3, 4)
+    cores = random_network(shape, TRIANGLE_CHAIN, seed=3)
+    dense = naive_contraction(cores)
+    for k in range(len(shape)):
+        env = environment(cores, k)
+        core = torch.movedim(cores[k], k, 0).reshape(shape[k], -1)
+        assert env.shape == (core.shape[1], dense.numel() // shape[k])
+        torch.testing.assert_close(core @ env, torch.movedim(dense, k, 0).reshape(shape[k], -1), rtol=1e-12, atol=1e-12)
 
 
-def test_growing_a_bond_leaves_the_network_unchanged_and_als_never_raises_the_error():
-    x = planted_tt((5, 6, 7), (2, 3), seed=4)
-    cores = random_network((5, 6, 7), {(0, 1): 1}, seed=5)
-    before = naive_contraction(cores)
-    grown = grow(cores, 0, 1, generator(0))
-    assert grown[0].shape[1] == 2 and grown[1].shape[0] == 2
-    torch.testing.assert_close(naive_contraction(grown), before)
-    sq_norm = float(torch.sum(x**2))
-    errors = [als(x, grown, sq_norm, 1, stop_rtol=0.0) for _ in range(5)]
-    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))
-    assert abs(errors[-1] - rel_err(naive_contraction(grown), x)) < 1e-10
+def test_float32_normal_equations_solve_the_same_least_squares_problem():
+    shape, ranks = (4, 5, 6, 3), {(0, 1): 2, (1, 2): 3, (0, 3): 2, (2, 3): 2}
+    cores = random_network(shape, ranks, seed=1)
+    x = randn(*shape, gen=generator(2))
+    unfolding = torch.movedim(x, 1, 0).reshape(shape[1], -1)
+    exact, _ = als_update(unfolding, cores, 1, ridge=0.0)
+    single, _ = als_update(unfolding.float(), [c.float() for c in cores], 1, ridge=1e-6, gram_dtype=torch.float32)
+    assert single.dtype == torch.float32
+    torch.testing.assert_close(single.double(), exact, rtol=1e-3, atol=1e-4)
+
+
+def test_new_bond_slices_fitted_to_the_residual_score_the_grown_network():
+    x = randn(5, 6, 4, 3, gen=generator(4))
+    cores = random_network((5, 6, 4, 3), {(0, 1): 2, (1, 2): 2, (2, 3): 2}, seed=5)
+    residual = x - naive_contraction(cores)
+    sq_residual = float(torch.sum(residual**2))
+    slices = bond_slices(cores, 1, 3, 2, generator(0))
+    assert slices[1].shape == (2, 6, 2, 2) and slices[3].shape == (1, 2, 2, 3)
+    assert not bool(slices[1].any())  # zero slices: the grown network starts as the old one
+    torch.testing.assert_close(naive_contraction(join_slices(cores, slices, 1, 3)), naive_contraction(cores))
+    errors = [als(residual, slices, sq_residual, 1, modes=(1, 3), stop_rtol=0.0) for _ in range(4)]
+    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))  # ALS never raises the error
+    assert errors[-1] < 0.99
+    grown = join_slices(cores, slices, 1, 3)
+    assert grown[1].shape[3] == grown[3].shape[1] == 3  # rank 1 + 2
+    # the joined network is the sum of the two, so the slices' error on the residual is the grown network's error
+    torch.testing.assert_close(naive_contraction(grown), naive_contraction(cores) + naive_contraction(slices))
+    assert abs(errors[-1] * sq_residual**0.5 - float(torch.linalg.norm(x - naive_contraction(grown)))) < 1e-9
 
 
 # ----------------------------------------------------------------------------- structure search
@@ -222,6 +249,18 @@ def test_completion_search_scores_bonds_on_held_out_entries_and_predicts_missing
     assert all(step.holdout_error is not None for step in net.log[:-1]) and net.log[-1].holdout_error is None
     # far fewer parameters than observed entries: the missing ones are predicted, not interpolated
     assert net.num_params < int(mask.sum()) / 2
+
+
+def test_completion_search_keeps_the_network_that_predicts_held_out_entries_best():
+    # a noisy train: once its structure is found, larger networks fit the noise and predict held-out entries worse
+    x = add_noise(planted_tt((6, 6, 6, 6), (2, 3, 2), seed=24), 0.1, seed=25)
+    mask = torch.rand(x.shape, generator=generator(26)) < 0.5
+    net = tn(x.masked_fill(~mask, float("nan")), mask=mask, seed=0)
+    steps = net.log[:-1]  # the last entry is the polish on all observed entries
+    best = min(range(len(steps)), key=lambda i: steps[i].holdout_error)
+    assert net.ranks == steps[best].ranks
+    assert len(steps) - 1 - best <= HOLDOUT_PATIENCE
+    assert best < len(steps) - 1  # it did grow past the best network, and came back
 
 
 def test_dispatch_and_dtype():

@@ -2,9 +2,9 @@
 
 After Hashemizadeh, Liu, Miller and Rabusseau, "Adaptive Learning of Tensor
 Network Structures": start from the network with every rank one, try raising
-each edge's rank by one, keep the edge that lowers the error most per
-parameter added, refit, and repeat until a target error, a parameter budget,
-a step limit or a time limit is reached.
+each edge's rank, keep the edge that lowers the error most per parameter
+added, refit, and repeat until a target error, a parameter budget, a step
+limit or a time limit is reached.
 """
 
 from __future__ import annotations
@@ -22,55 +22,33 @@ from lowrank.decompose._checks import check_positive_int, check_tol, checked_inp
 from lowrank.decompose._linalg import leading_left_subspace, unfold
 from lowrank.decompose.factorizations import SearchStep, TensorNetwork, network_expression, network_subscripts
 
+# While the search's relative error is above this, it contracts and forms Gram matrices in float32 (the
+# solves stay in float64): about twice as fast. Float32 Gram matrices and their ridge stall ALS near a
+# relative error of 1e-3 (3e-3 on a planted 6^4 train), well below this.
+SINGLE_PRECISION_ERROR = 3e-2
+# The relative ridge of float32 Gram matrices: near float32's rounding, so that a bond grown beyond the
+# rank the data supports leaves a solvable system (1e-10, the float64 ridge, let a LIVE-image search
+# diverge; 1e-6 stalled the planted train near 1e-2).
+SINGLE_PRECISION_RIDGE = 1e-7
+# A completion search stops after this many steps without a lower error on its held-out entries.
+HOLDOUT_PATIENCE = 3
+_SINGLE = {"gram_dtype": torch.float32, "ridge": SINGLE_PRECISION_RIDGE}
 
-def environment(cores: Sequence[torch.Tensor], k: int, partner: int | None = None,
-                rest: torch.Tensor | None = None) -> torch.Tensor:
+
+def environment(cores: Sequence[torch.Tensor], k: int) -> torch.Tensor:
     """Contract every core but ``k`` into a matrix ``(bonds of core k, physical modes of the others)``.
 
     Rows run over core ``k``'s bonds in the order of its dimensions, columns
     over the other modes in increasing order, as in the mode-``k`` unfolding.
-    With ``rest`` (:func:`rest_of_pair` of ``k`` and ``partner``), only the
-    partner's core is contracted with it.
     """
     ndim = len(cores)
     inputs, output = network_subscripts(ndim)
     others = [i for i in range(ndim) if i != k]
     result = "".join(inputs[k][j] for j in others) + "".join(output[j] for j in others)
-    if rest is None:
-        operands = [cores[i] for i in others]
-        subscripts = [inputs[i] for i in others]
-    else:
-        operands = [rest, cores[partner]]
-        subscripts = [_rest_subscripts(ndim, k, partner), inputs[partner]]
-    equation = ",".join(subscripts) + "->" + result
+    equation = ",".join(inputs[i] for i in others) + "->" + result
+    operands = [cores[i] for i in others]
     env = network_expression(equation, *(tuple(op.shape) for op in operands))(*operands, backend="torch")
     return env.reshape(math.prod(cores[k].shape[j] for j in others), -1)
-
-
-def _rest_subscripts(ndim: int, i: int, j: int) -> str:
-    """Indices of :func:`rest_of_pair`: the bonds of ``i``, then of ``j``, to the others, then their modes."""
-    inputs, output = network_subscripts(ndim)
-    others = [m for m in range(ndim) if m not in (i, j)]
-    first, second = min(i, j), max(i, j)
-    return (
-        "".join(inputs[first][m] for m in others)
-        + "".join(inputs[second][m] for m in others)
-        + "".join(output[m] for m in others)
-    )
-
-
-def rest_of_pair(cores: Sequence[torch.Tensor], i: int, j: int) -> torch.Tensor:
-    """Contract every core but ``i`` and ``j``: what both their environments share.
-
-    A structure search scores a bond by refitting the two cores it joins; the
-    other cores do not change meanwhile, so this contraction is done once.
-    """
-    ndim = len(cores)
-    inputs, _ = network_subscripts(ndim)
-    others = [m for m in range(ndim) if m not in (i, j)]
-    equation = ",".join(inputs[m] for m in others) + "->" + _rest_subscripts(ndim, i, j)
-    operands = [cores[m] for m in others]
-    return network_expression(equation, *(tuple(op.shape) for op in operands))(*operands, backend="torch")
 
 
 def als_update(
@@ -78,16 +56,16 @@ def als_update(
     cores: list[torch.Tensor],
     k: int,
     ridge: float,
-    partner: int | None = None,
-    rest: torch.Tensor | None = None,
     mask_unfolding: torch.Tensor | None = None,
+    gram_dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, float]:
     """The least-squares core ``k`` given all others, and the squared error it leaves.
 
     Solves ``min ||X_(k) - G M||² + ridge * trace(M Mᵀ) / R * ||G||²`` through
-    the normal equations in float64, where ``X_(k)`` is the mode-``k`` unfolding
-    of the target and ``M`` the :func:`environment` of core ``k`` (from
-    ``rest``, the contraction of all cores but ``k`` and ``partner``, if given).
+    the normal equations, where ``X_(k)`` is the mode-``k`` unfolding of the
+    target and ``M`` the :func:`environment` of core ``k``. The Gram matrix
+    ``M Mᵀ`` and ``X_(k) Mᵀ`` are formed in ``gram_dtype`` (float32 halves
+    their cost, at float32's rounding), the system is solved in float64.
     With ``mask_unfolding`` (1 where an entry is observed, 0 elsewhere; the
     target must be 0 where it is not observed), only observed entries count:
     each row of ``G`` (one index of mode ``k``) is the least-squares solution
@@ -102,19 +80,19 @@ def als_update(
         (add the target's squared norm to get the error).
 
     """
-    env = environment(cores, k, partner, rest).double()
-    rhs = target_unfolding.double() @ env.T
+    env = environment(cores, k).to(gram_dtype)
+    rhs = (target_unfolding.to(gram_dtype) @ env.T).double()
     if mask_unfolding is None:
-        gram = env @ env.T
+        gram = (env @ env.T).double()
         shift = ridge * float(torch.trace(gram)) / gram.shape[0] + 1e-300
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         solution = torch.linalg.solve(gram + shift * eye, rhs.T).T
         sq_error_offset = float(torch.sum((solution @ gram) * solution) - 2 * torch.sum(solution * rhs))
     else:
-        mask = mask_unfolding.double()
-        grams = torch.stack([(env * row) @ env.T for row in mask])  # one Gram per index of mode k
+        mask = mask_unfolding.to(gram_dtype)
+        grams = torch.stack([(env * row) @ env.T for row in mask]).double()  # one Gram per index of mode k
         shifts = ridge * torch.diagonal(grams, dim1=1, dim2=2).mean(1) + 1e-300
-        eye = torch.eye(env.shape[0], dtype=env.dtype, device=env.device)
+        eye = torch.eye(env.shape[0], dtype=grams.dtype, device=env.device)
         solution = torch.linalg.solve(grams + shifts[:, None, None] * eye, rhs.unsqueeze(-1)).squeeze(-1)
         sq_error_offset = float(
             torch.einsum("ib,ibd,id->", solution, grams, solution) - 2 * torch.sum(solution * rhs)
@@ -134,6 +112,7 @@ def als(
     mask: torch.Tensor | None = None,
     stop_rtol: float = 1e-5,
     ridge: float = 1e-10,
+    gram_dtype: torch.dtype = torch.float64,
     deadline: float = math.inf,
 ) -> float:
     """Alternating least squares over the cores (in place); returns the final relative error.
@@ -149,8 +128,7 @@ def als(
     n_sweeps : int
         Largest number of sweeps over ``modes``.
     modes : sequence of int, optional
-        The cores to update (all by default). Two modes are fitted from the
-        contraction of the other cores, done once.
+        The cores to update (all by default), in this order.
     mask : torch.Tensor, optional
         1 where an entry of ``target`` is observed and 0 elsewhere: only the
         observed entries are fitted, and the error is theirs.
@@ -158,6 +136,8 @@ def als(
         Stop when a sweep lowers the error by less than this fraction of it.
     ridge : float
         Relative Tikhonov shift of the normal equations.
+    gram_dtype : torch.dtype
+        The dtype the normal equations are formed in (see :func:`als_update`).
     deadline : float
         A ``time.perf_counter()`` value after which no new sweep starts.
 
@@ -165,14 +145,11 @@ def als(
     modes = range(len(cores)) if modes is None else modes
     unfoldings = {k: unfold(target, k) for k in modes}
     mask_unfoldings = {k: None if mask is None else unfold(mask, k) for k in modes}
-    pair = len(modes) == 2 and len(cores) > 2
-    rest = rest_of_pair(cores, *modes) if pair else None
     previous = math.inf
     error = math.inf
     for _ in range(n_sweeps):
         for k in modes:
-            partner = (modes[1] if k == modes[0] else modes[0]) if pair else None
-            cores[k], offset = als_update(unfoldings[k], cores, k, ridge, partner, rest, mask_unfoldings[k])
+            cores[k], offset = als_update(unfoldings[k], cores, k, ridge, mask_unfoldings[k], gram_dtype)
         error = math.sqrt(max(sq_norm + offset, 0.0) / sq_norm) if sq_norm > 0 else 0.0
         if previous - error <= stop_rtol * error or time.perf_counter() > deadline:
             break
@@ -197,23 +174,37 @@ def bond_bound(cores: Sequence[torch.Tensor], i: int, j: int) -> int:
     return min(cores[i].numel() // cores[i].shape[j], cores[j].numel() // cores[j].shape[i])
 
 
-def grow(
-    cores: Sequence[torch.Tensor], i: int, j: int, generator: torch.Generator, count: int = 1
+def bond_slices(
+    cores: Sequence[torch.Tensor], i: int, j: int, count: int, generator: torch.Generator
 ) -> list[torch.Tensor]:
-    """The cores with bond ``(i, j)`` ``count`` larger: zero slices in core ``i``, small random ones in core ``j``.
+    """The cores with cores ``i`` and ``j`` replaced by ``count`` new slices of their bond.
 
-    The network is unchanged until ALS fits the new slices.
+    Zeros in core ``i`` and random ones of core ``j``'s scale in core ``j``
+    (drawn in float64 in any dtype, so that a search draws the same slices in
+    either precision): the start of a fit of the slices alone to the residual
+    of ``cores`` (:func:`als` over modes ``(i, j)``), which :func:`join_slices`
+    adds to the network.
     """
-    grown = list(cores)
-    zeros_shape = list(cores[i].shape)
-    zeros_shape[j] = count
-    grown[i] = torch.cat([cores[i], cores[i].new_zeros(zeros_shape)], dim=j)
-    slice_shape = list(cores[j].shape)
-    slice_shape[i] = count
+    slices = list(cores)
+    shape_i, shape_j = list(cores[i].shape), list(cores[j].shape)
+    shape_i[j] = shape_j[i] = count
+    slices[i] = cores[i].new_zeros(shape_i)
     scale = float(cores[j].abs().mean()) or 1.0
-    noise = torch.randn(slice_shape, generator=generator, device=cores[j].device, dtype=cores[j].dtype)
-    grown[j] = torch.cat([cores[j], scale * noise], dim=i)
-    return grown
+    noise = torch.randn(shape_j, generator=generator, device=cores[j].device, dtype=torch.float64)
+    slices[j] = (scale * noise).to(cores[j].dtype)
+    return slices
+
+
+def join_slices(cores: Sequence[torch.Tensor], slices: Sequence[torch.Tensor], i: int, j: int) -> list[torch.Tensor]:
+    """One network that is the sum of ``cores`` and ``slices``, two networks that differ in cores ``i`` and ``j`` only.
+
+    Cores ``i`` and ``j`` are stacked along their bond, whose rank becomes the
+    sum of the two ranks.
+    """
+    joined = list(cores)
+    joined[i] = torch.cat([cores[i], slices[i]], dim=j)
+    joined[j] = torch.cat([cores[j], slices[j]], dim=i)
+    return joined
 
 
 @dataclass(frozen=True)
@@ -229,6 +220,10 @@ class Entries:
         approx = TensorNetwork(tuple(cores)).to_tensor()
         residual = approx - self.target if self.mask is None else (approx - self.target) * self.mask
         return math.sqrt(float(torch.sum(residual.double() ** 2)) / self.sq_norm) if self.sq_norm > 0 else 0.0
+
+    def to(self, dtype: torch.dtype) -> Entries:
+        """The same entries in ``dtype``."""
+        return Entries(self.target.to(dtype), None if self.mask is None else self.mask.to(dtype), self.sq_norm)
 
 
 def tn(
@@ -249,20 +244,33 @@ def tn(
     """Learn a tensor network's structure and cores by greedy edge growth.
 
     Starts from the network with every rank one (fitted by ALS). Each step
-    raises the rank of one bond by one: a candidate bond is scored by fitting
-    only the two cores it joins (``candidate_sweeps`` ALS sweeps from one
-    shared contraction of the other cores), the bond that lowers the error
-    most per parameter added is kept, and every core is refitted (at most
-    ``n_sweeps`` sweeps). The network is polished by up to ``final_sweeps``
-    sweeps at the end. The search stops when the error is at most ``tol``, no
-    bond fits in ``max_params``, no bond lowers the error, or after
-    ``max_steps`` steps or ``time_limit`` seconds.
+    raises the rank of one bond: every bond is scored by fitting only its new
+    slices in the two cores it joins to the current residual, all other
+    cores fixed (``candidate_sweeps`` ALS sweeps), the bond that lowers the
+    error most per parameter added is kept, and every core is refitted (at
+    most ``n_sweeps`` sweeps). The network is polished by up to
+    ``final_sweeps`` sweeps at the end. The search stops when the error is at
+    most ``tol``, no bond fits in ``max_params``, no bond lowers the error,
+    or after ``max_steps`` steps or ``time_limit`` seconds.
 
     With ``mask`` the search completes a partly observed tensor: cores are
     fitted on the observed entries only, except a ``holdout`` fraction of them
-    (drawn with ``seed``) on which bonds are scored, so the search stops
-    growing when a larger network no longer predicts unseen entries better.
-    The final polish fits all observed entries.
+    (drawn with ``seed``) on which bonds are scored. The search stops after
+    ``HOLDOUT_PATIENCE`` (3) steps without a lower error on the held-out
+    entries and goes back to the network of the lowest, so it stops growing
+    when a larger network no longer predicts unseen entries better. The final
+    polish fits all observed entries.
+
+    While the error is above ``SINGLE_PRECISION_ERROR`` (3e-2), scoring,
+    refits and the polish contract and form their normal equations in float32
+    (solving them in float64, with a relative ridge of
+    ``SINGLE_PRECISION_RIDGE``), which halves their cost; a refit that ends
+    below it goes on in ``x``'s precision, as does everything after. The
+    logged errors are computed in ``x``'s precision.
+
+    The network has one core per mode: internal cores (a Tucker core, or a
+    core split into two) are not implemented, so a Tucker tensor is found as
+    a star or denser network with more parameters than its Tucker form.
 
     Parameters
     ----------
@@ -288,6 +296,9 @@ def tn(
         Relative rank increment: a step raises a bond of rank ``r`` by
         ``max(1, floor(growth * r))`` (within the budget), so large tensors
         reach a large budget in fewer steps. 0 (the default) adds one at a time.
+        On the 4^8 LIVE images at budgets up to 8192, ``growth=0.5,
+        candidate_sweeps=1, n_sweeps=5`` reaches the budget within a minute
+        (``benchmarks/tn_search.py``).
     n_sweeps, candidate_sweeps, final_sweeps : int
         ALS sweeps after each accepted step, for scoring each candidate, and
         at the end.
@@ -299,7 +310,8 @@ def tn(
     TensorNetwork
         The network, with the search in ``log`` (structure, parameters, error
         on the fitted entries, error on the held-out ones and elapsed time
-        after every step; the last entry is after the polish).
+        after every step; the last entry is after the polish, of the network
+        returned, which with a held-out part may be an earlier step's).
 
     Examples
     --------
@@ -338,23 +350,31 @@ def tn(
     if observed is not None and holdout > 0:
         fitted, held_out = _split(work, observed_entries.mask, holdout, generator)
     cores = rank_one_cores(fitted.target)
-    error = als(fitted.target, cores, fitted.sq_norm, n_sweeps, mask=fitted.mask, deadline=deadline)
+    als(fitted.target, cores, fitted.sq_norm, n_sweeps, mask=fitted.mask, deadline=deadline)
+    error = fitted.error(cores)
     log = [_step(cores, error, held_out, start)]
+    kept = (cores, error, 0)  # with a held-out part: the network that predicts it best, and its step
     for _ in range(max_steps):
         if (tol is not None and error <= tol) or time.perf_counter() > deadline:
             break
+        if held_out is not None and len(log) - 1 - kept[2] >= HOLDOUT_PATIENCE:
+            break
+        entries, options = _precision(fitted, error)
         best = _best_candidate(
-            cores, fitted, held_out, error, max_params, growth, candidate_sweeps, generator, deadline
+            [c.to(entries.target.dtype) for c in cores], entries, held_out, max_params, growth, candidate_sweeps,
+            generator, deadline, options,
         )
         if best is None:
             break
-        cores = best
-        error = als(fitted.target, cores, fitted.sq_norm, n_sweeps, mask=fitted.mask, deadline=deadline)
+        cores, error = _refit(best, fitted, error, n_sweeps, 1e-5, deadline)
         log.append(_step(cores, error, held_out, start))
+        if held_out is not None and log[-1].holdout_error < log[kept[2]].holdout_error:
+            kept = (cores, error, len(log) - 1)
+    if held_out is not None:
+        cores, error, _ = kept
     polish = final_sweeps and (tol is None or error > tol or held_out is not None)
     if polish and observed_entries.sq_norm > 0 and time.perf_counter() < deadline:
-        error = als(work, cores, observed_entries.sq_norm, final_sweeps, mask=observed_entries.mask,
-                    stop_rtol=1e-6, deadline=deadline)
+        cores, error = _refit(cores, observed_entries, error, final_sweeps, 1e-6, deadline)
         log.append(_step(cores, error, None, start))
     cores[-1] = cores[-1] * scale
     return TensorNetwork(tuple(c.to(x.dtype) for c in cores), tuple(log))
@@ -407,26 +427,62 @@ def _checked_budget(max_params: int | None, shape: Sequence[int]) -> int | None:
     return max_params
 
 
+def _precision(entries: Entries, error: float) -> tuple[Entries, dict[str, Any]]:
+    """The entries and :func:`als` options a fit at relative ``error`` runs with (see ``SINGLE_PRECISION_ERROR``)."""
+    if error > SINGLE_PRECISION_ERROR:
+        return entries.to(torch.float32), _SINGLE
+    return entries, {}
+
+
+def _refit(
+    cores: list[torch.Tensor], entries: Entries, error: float, n_sweeps: int, stop_rtol: float, deadline: float
+) -> tuple[list[torch.Tensor], float]:
+    """All cores refitted by ALS from a network of relative ``error``, in the precision that error calls for.
+
+    A fit in float32 that ends below ``SINGLE_PRECISION_ERROR`` goes on in the
+    entries' own precision. Returns the cores in that precision and their
+    error, computed in it.
+    """
+    fit_entries, options = _precision(entries, error)
+    cores = [c.to(fit_entries.target.dtype) for c in cores]
+    als(fit_entries.target, cores, fit_entries.sq_norm, n_sweeps, mask=fit_entries.mask, stop_rtol=stop_rtol,
+        deadline=deadline, **options)
+    cores = [c.to(entries.target.dtype) for c in cores]
+    error = entries.error(cores)
+    if options and error <= SINGLE_PRECISION_ERROR and time.perf_counter() <= deadline:
+        als(entries.target, cores, entries.sq_norm, n_sweeps, mask=entries.mask, stop_rtol=stop_rtol,
+            deadline=deadline)
+        error = entries.error(cores)
+    return cores, error
+
+
 def _best_candidate(
     cores: list[torch.Tensor],
     fitted: Entries,
     held_out: Entries | None,
-    error: float,
     max_params: int | None,
     growth: float,
     sweeps: int,
     generator: torch.Generator,
     deadline: float,
+    options: dict[str, Any],
 ) -> list[torch.Tensor] | None:
     """The cores with the bond of best gain per parameter grown; None when no bond fits or helps.
 
     A bond of rank ``r`` grows by ``max(1, floor(growth * r))``, less where its
-    bound or the budget allow less. The gain is the drop of the error on the
-    ``held_out`` entries if given, else on the fitted ones.
+    bound or the budget allow less. Its new slices alone are fitted to the
+    residual (``sweeps`` ALS sweeps with ``options``); the gain is the drop of
+    the error on the ``held_out`` entries if given, else on the fitted ones.
     """
     params = sum(c.numel() for c in cores)
     ndim = len(cores)
-    current = error if held_out is None else held_out.error(cores)
+    residual = fitted.target - TensorNetwork(tuple(cores)).to_tensor()
+    if fitted.mask is not None:
+        residual = residual * fitted.mask
+    sq_residual = float(torch.sum(residual.double() ** 2))
+    if sq_residual == 0 or fitted.sq_norm == 0:
+        return None
+    current = math.sqrt(sq_residual / fitted.sq_norm) if held_out is None else held_out.error(cores)
     best, best_gain = None, 0.0
     for i, j in itertools.combinations(range(ndim), 2):
         per_rank = cores[i].numel() // cores[i].shape[j] + cores[j].numel() // cores[j].shape[i]
@@ -438,10 +494,12 @@ def _best_candidate(
         added = count * per_rank
         if time.perf_counter() > deadline:
             return None  # a step cut short compares too few bonds to be trusted
-        candidate = grow(cores, i, j, generator, count)
-        candidate_error = als(fitted.target, candidate, fitted.sq_norm, sweeps, modes=(i, j), mask=fitted.mask,
-                              stop_rtol=0.0)
-        if held_out is not None:
+        slices = bond_slices(cores, i, j, count, generator)
+        left = als(residual, slices, sq_residual, sweeps, modes=(i, j), mask=fitted.mask, stop_rtol=0.0, **options)
+        candidate = join_slices(cores, slices, i, j)
+        if held_out is None:
+            candidate_error = left * math.sqrt(sq_residual / fitted.sq_norm)
+        else:
             candidate_error = held_out.error(candidate)
         gain = (current - candidate_error) / added
         if gain > best_gain:
