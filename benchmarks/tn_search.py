@@ -97,8 +97,8 @@ BUDGETS = (2048, 4096, 8192)
 TOL = 1e-4  # the planted-structure search's tolerance
 TARGET_SECONDS = 60  # the time target per image and budget
 # The search's options at a budget: ranks grow by half (a bond of rank r by floor(r / 2)) so that 8192
-# parameters are reached in about 40 steps, one ALS sweep scores a bond and five refit all cores.
-LIVE_OPTIONS = {"growth": 0.5, "candidate_sweeps": 1, "n_sweeps": 5}
+# parameters are reached in about 40 steps, one ALS sweep scores a bond and three refit all cores.
+LIVE_OPTIONS = {"growth": 0.5, "candidate_sweeps": 1, "n_sweeps": 3}
 MISSING = 0.9  # the fraction of entries hidden in the completion table
 MASK_SEED = 1  # not the search's seed 0: the same stream would draw its held-out entries among the hidden ones
 COMPLETION_OPTIONS: dict[str, object] = {}  # the completion search runs with tn's defaults

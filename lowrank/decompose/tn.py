@@ -297,7 +297,7 @@ def tn(
         ``max(1, floor(growth * r))`` (within the budget), so large tensors
         reach a large budget in fewer steps. 0 (the default) adds one at a time.
         On the 4^8 LIVE images at budgets up to 8192, ``growth=0.5,
-        candidate_sweeps=1, n_sweeps=5`` reaches the budget within a minute
+        candidate_sweeps=1, n_sweeps=3`` reaches the budget within a minute
         (``benchmarks/tn_search.py``).
     n_sweeps, candidate_sweeps, final_sweeps : int
         ALS sweeps after each accepted step, for scoring each candidate, and
