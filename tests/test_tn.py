@@ -71,13 +71,8 @@ def test_mismatched_bonds_are_refused():
         TensorNetwork(tuple(cores))
 
 
-def test_als_update_matches_a_float64_least_squares_reference():
-    shape, ranks = (4, 5, 6, 3), {(0, 1): 2, (1, 2): 3, (0, 3): 2, (2, 3): 2}
-    cores = random_network(shape, ranks, seed=1)
-    x = randn(*shape, gen=generator(2))
-    k = 2
-    new, offset = als_update(torch.movedim(x, k, 0).reshape(shape[k], -1), cores, k, ridge=0.0)
-    # reference: vectorise core k and solve min ||x - A vec(core_k)|| with torch.linalg.lstsq
+def design_matrix(cores, k):
+    """The matrix ``A`` with ``vec(network) = A vec(core k)``, one naive contraction per entry of core ``k``."""
     columns = []
     for index in range(cores[k].numel()):
         unit = torch.zeros(cores[k].numel(), dtype=F64)
@@ -85,7 +80,17 @@ def test_als_update_matches_a_float64_least_squares_reference():
         trial = list(cores)
         trial[k] = unit.reshape(cores[k].shape)
         columns.append(naive_contraction(trial).reshape(-1))
-    design = torch.stack(columns, dim=1)
+    return torch.stack(columns, dim=1)
+
+
+def test_als_update_matches_a_float64_least_squares_reference():
+    shape, ranks = (4, 5, 6, 3), {(0, 1): 2, (1, 2): 3, (0, 3): 2, (2, 3): 2}
+    cores = random_network(shape, ranks, seed=1)
+    x = randn(*shape, gen=generator(2))
+    k = 2
+    new, offset = als_update(torch.movedim(x, k, 0).reshape(shape[k], -1), cores, k, ridge=0.0)
+    # reference: vectorise core k and solve min ||x - A vec(core_k)|| with torch.linalg.lstsq
+    design = design_matrix(cores, k)
     reference = torch.linalg.lstsq(design, x.reshape(-1, 1)).solution.reshape(cores[k].shape)
     torch.testing.assert_close(new, reference, rtol=1e-8, atol=1e-10)
     trial = list(cores)
@@ -102,15 +107,8 @@ def test_masked_als_update_matches_a_least_squares_reference_on_the_observed_ent
     k = 1
     unfold = lambda t: torch.movedim(t, k, 0).reshape(shape[k], -1)  # noqa: E731
     new, offset = als_update(unfold(x * mask), cores, k, ridge=0.0, mask_unfolding=unfold(mask))
-    columns = []
-    for index in range(cores[k].numel()):
-        unit = torch.zeros(cores[k].numel(), dtype=F64)
-        unit[index] = 1.0
-        trial = list(cores)
-        trial[k] = unit.reshape(cores[k].shape)
-        columns.append(naive_contraction(trial).reshape(-1))
     observed = mask.reshape(-1).bool()
-    design = torch.stack(columns, dim=1)[observed]
+    design = design_matrix(cores, k)[observed]
     reference = torch.linalg.lstsq(design, x.reshape(-1, 1)[observed]).solution.reshape(cores[k].shape)
     torch.testing.assert_close(new, reference, rtol=1e-8, atol=1e-10)
     trial = list(cores)
