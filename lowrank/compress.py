@@ -321,15 +321,20 @@ def _replace(
             f"at input {shape}"
         )
         return None, row
-    # in the weight's own precision (float32 for half types): a report needs a few digits, not float64's
-    dtype = torch.promote_types(module.weight.dtype, torch.float32)
-    # both in the dense layer's own layout (``(in, out)`` for a Hugging Face Conv1D)
-    weight = module.weight.detach().to(dtype)
-    approx = factorized.dense_weight().detach().to(dtype)
-    row.relative_error = float(torch.linalg.vector_norm(weight - approx) / torch.linalg.vector_norm(weight))
+    row.relative_error = _weight_error(module, factorized)
     row.rank = _reported_rank(factorized)
     row.params_after = factorized.num_params
     return factorized, row
+
+
+def _weight_error(dense: nn.Module, factorized: FactorizedModule) -> float:
+    """The relative error of the factorized weight against the dense layer's."""
+    # in the weight's own precision (float32 for half types): a report needs a few digits, not float64's
+    dtype = torch.promote_types(dense.weight.dtype, torch.float32)
+    # both in the dense layer's own layout (``(in, out)`` for a Hugging Face Conv1D)
+    weight = dense.weight.detach().to(dtype)
+    approx = factorized.dense_weight().detach().to(dtype)
+    return float(torch.linalg.vector_norm(weight - approx) / torch.linalg.vector_norm(weight))
 
 
 def _reported_rank(module: FactorizedModule) -> int | tuple[int, ...]:
@@ -652,9 +657,7 @@ def _compress_calibrated(
         row = LayerReport(plan.name, type(layer).__name__, tuple(layer.weight.shape), "svd", plan.rank, params,
                           params, None, plan.skip_reason, plan.output_error)
         if plan.module is not None:
-            weight = layer.weight.detach().float()
-            row.relative_error = float(torch.linalg.vector_norm(weight - plan.module.dense_weight().detach().float())
-                                       / torch.linalg.vector_norm(weight))
+            row.relative_error = _weight_error(layer, plan.module)
             row.params_after = plan.module.num_params
         report.layers.append(row)
 

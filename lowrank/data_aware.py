@@ -358,15 +358,9 @@ def _factorize(
             first, second, _ = whitened_low_rank(weight, gram, rank)
         if cross is not None:
             second = refit_second(weight, first, gram, cross)
-        module = LowRankLinear(
-            weight.shape[1], weight.shape[0], rank, layer.bias is not None,
-            "Conv1D" if is_hf_conv1d(layer) else "Linear", device=layer.weight.device, dtype=layer.weight.dtype,
-        )
-        with torch.no_grad():
-            module.first.copy_(first)
-            module.second.copy_(second)
-            if layer.bias is not None:
-                module.bias.copy_(layer.bias)
+        bias = None if layer.bias is None else layer.bias.detach()
+        dense_type = "Conv1D" if is_hf_conv1d(layer) else "Linear"
+        module = LowRankLinear.from_factors(first, second, bias, dense_type, dtype=layer.weight.dtype)
     else:
         module = LowRankLinear.from_dense(layer, rank)
     module.train(layer.training)

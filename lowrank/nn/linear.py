@@ -110,14 +110,29 @@ class LowRankLinear(FactorizedModule):
         for training and for low-precision arithmetic.
         """
         root = factorization.s.sqrt()
-        out_features, in_features = factorization.shape
+        return cls.from_factors(root[:, None] * factorization.vh, factorization.u * root, bias, dense_type)
+
+    @classmethod
+    def from_factors(
+        cls,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        dense_type: str = "Linear",
+        dtype: torch.dtype | None = None,
+    ) -> LowRankLinear:
+        """Build the layer from its factors ``first`` ``(rank, in)`` and ``second`` ``(out, rank)``.
+
+        The layer is created on ``first``'s device, in ``dtype`` (``first``'s by default).
+        """
+        rank, in_features = first.shape
         layer = cls(
-            in_features, out_features, factorization.rank, bias is not None, dense_type,
-            device=factorization.device, dtype=factorization.dtype,
+            in_features, second.shape[0], rank, bias is not None, dense_type,
+            device=first.device, dtype=dtype or first.dtype,
         )
         with torch.no_grad():
-            layer.first.copy_(root[:, None] * factorization.vh)
-            layer.second.copy_(factorization.u * root)
+            layer.first.copy_(first)
+            layer.second.copy_(second)
             if bias is not None:
                 layer.bias.copy_(bias)
         return layer
