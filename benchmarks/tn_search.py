@@ -42,10 +42,10 @@ Three tables, all measured in this process:
    non-uniform ranks that TT-SVD / ST-HOSVD choose for the tolerance) until its error reaches the
    search's error or 1e-4, whichever is larger (never a stricter target than the search's own), and the
    smallest parameter count that does is reported, or "> N" when none does below the dense size N.
-   The search's network has one core per mode and no internal core (internal cores are not implemented),
-   so it holds the Tucker tensor only as a star (the Tucker core merged into one mode's core: 322
-   parameters at best, with the rank-4 mode as the centre) or a denser network: it cannot succeed there;
-   the row reports the parameters it needs.
+   Once within ``tol`` the search shrinks its network (lowers bonds, splits cores whose matricisation is
+   low-rank into internal cores, merges internal cores): that is how it reaches the Tucker tensor's 242
+   parameters, which no network of one core per mode holds (the best, a star around the rank-4 mode,
+   has 322).
 
 3. **Completion.** Each LIVE image with ``MISSING`` (90%) of its entries hidden (a uniform draw seeded
    with ``MASK_SEED``; the hidden entries are NaN in what the fits see). The search
@@ -709,8 +709,9 @@ def planted_note(seeds: int, time_limit: float) -> str:
         f"< {TOL:g} with at most the planted parameters. Fixed formats: the fewest parameters reaching the "
         f"search's error or {TOL:g}, whichever is larger, by growing uniform ranks (CP on a 25% grid) or, for "
         "TT and Tucker, TT-SVD / ST-HOSVD at that tolerance; the median over seeds, '>' the dense size when "
-        "none does. The search's network has one core per mode and no internal core, so it cannot hold the "
-        "planted Tucker in 242 parameters (its best star network has 322)."
+        "none does. Within tol the search lowers bonds and splits cores into internal ones (its defaults "
+        "prune=True, split=True): the planted Tucker's 242 parameters need its one internal core (a network "
+        "of one core per mode needs 322 at best)."
     )
 
 

@@ -16,16 +16,20 @@ from lowrank.nn import TNLinear, tensorize_weight
 
 def dense_from_network(layer: TNLinear) -> torch.Tensor:
     """The ``(out, in)`` weight of a TNLinear by one einsum with independently chosen letters."""
-    d = len(layer.in_shape)
+    d, n = len(layer.in_shape), len(layer.cores)  # cores d.. are internal: their own index (size 1) is summed
     letters = iter(string.ascii_letters)
-    outs, ins = [next(letters) for _ in range(d)], [next(letters) for _ in range(d)]
+    outs, ins, own = [next(letters) for _ in range(d)], [next(letters) for _ in range(d)], next(letters)
     bond = {}
-    for i in range(d):
-        for j in range(i + 1, d):
+    for i in range(n):
+        for j in range(i + 1, n):
             bond[i, j] = bond[j, i] = next(letters)
     specs, operands = [], []
     for k, core in enumerate(layer.cores):
-        specs.append("".join(outs[k] + ins[k] if j == k else bond[k, j] for j in range(d)))
+        if k >= d:
+            specs.append("".join(own if j == k else bond[k, j] for j in range(n)))
+            operands.append(core)
+            continue
+        specs.append("".join(outs[k] + ins[k] if j == k else bond[k, j] for j in range(n)))
         operands.append(core.reshape(*core.shape[:k], layer.out_shape[k], layer.in_shape[k], *core.shape[k + 1:]))
     full = torch.einsum(",".join(specs) + "->" + "".join(outs) + "".join(ins), *operands)
     return full.reshape(layer.out_features, layer.in_features)
@@ -52,6 +56,46 @@ def test_forward_equals_the_dense_layer(bonds, batch_shape):
     torch.testing.assert_close(dense(x), layer(x), rtol=1e-10, atol=1e-10)
     rebuilt = TNLinear(**layer.config(), dtype=F64)
     assert [c.shape for c in rebuilt.cores] == [c.shape for c in layer.cores]
+
+
+TUCKER_BONDS = [(0, 3, 2), (1, 3, 3), (2, 3, 2)]  # every mode joined to one internal core
+
+
+def test_a_layer_with_an_internal_core_equals_its_dense_weight():
+    layer = TNLinear((3, 4, 2), (2, 3, 4), TUCKER_BONDS, dtype=F64, n_internal=1)
+    gen = generator(5)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(randn(*p.shape, gen=gen))
+    weight = dense_from_network(layer)
+    torch.testing.assert_close(layer.weight, weight, rtol=1e-12, atol=1e-12)
+    x = randn(5, layer.in_features, gen=generator(6))
+    torch.testing.assert_close(layer(x), F.linear(x, weight, layer.bias), rtol=1e-10, atol=1e-10)
+    assert layer.network.n_internal == 1 and layer.num_params == 6 * 2 + 12 * 3 + 8 * 2 + 2 * 3 * 2 + 24
+    rebuilt = TNLinear(**layer.config(), dtype=F64)
+    assert rebuilt.n_internal == 1 and [c.shape for c in rebuilt.cores] == [c.shape for c in layer.cores]
+    assert 0 < layer.flops((5, 24))
+    with pytest.raises(ValueError, match="n_internal must be an int >= 0"):
+        TNLinear((3, 4, 2), (2, 3, 4), TUCKER_BONDS, n_internal=-1)
+
+
+def test_a_planted_tucker_weight_is_found_with_its_internal_core():
+    # four paired modes (6, 4, 4, 6) of Tucker ranks 2: 56 core parameters, where a train needs 88
+    shapes = {"in_shape": (2, 2, 2, 3), "out_shape": (3, 2, 2, 2)}
+    planted = TNLinear(**shapes, bonds=[(k, 4, 2) for k in range(4)], dtype=F64, n_internal=1)
+    gen = generator(7)
+    with torch.no_grad():
+        for p in planted.parameters():
+            p.copy_(randn(*p.shape, gen=gen))
+    dense = nn.Linear(24, 24, dtype=F64)
+    with torch.no_grad():
+        dense.weight.copy_(planted.weight)
+    layer = TNLinear.from_dense(dense, tol=1e-6, **shapes)
+    with torch.no_grad():
+        assert float(torch.linalg.norm(layer.weight - dense.weight) / torch.linalg.norm(dense.weight)) < 1e-6
+        x = randn(3, 24, gen=generator(8))
+        torch.testing.assert_close(layer(x), dense(x))
+    assert layer.n_internal == 1 and layer.num_params <= planted.num_params
 
 
 def test_tensorisation_pairs_output_and_input_factors():

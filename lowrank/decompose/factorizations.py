@@ -406,30 +406,43 @@ class SearchStep:
 
 @dataclass(frozen=True, repr=False)
 class TensorNetwork(Factorization):
-    """A tensor network with one core per mode, any pair of cores joined by a bond.
+    """A tensor network: one core per mode, optional internal cores, any pair of cores joined by a bond.
 
-    Core ``k`` has ``N`` dimensions: dimension ``k`` is the physical mode
-    ``n_k``, dimension ``j != k`` the bond to core ``j``, whose size is the
-    rank of edge ``(k, j)``; rank 1 means no edge. A tensor train is the
-    network whose only bonds join neighbours, a tensor ring adds the closing
-    bond, and a fully connected network (FCTN) has them all.
+    With ``N`` modes and ``I`` internal cores the network has ``M = N + I``
+    cores of ``M`` dimensions each. Dimension ``k`` of core ``k`` is its own
+    index: the physical mode ``n_k`` for ``k < N``, and a dimension of size
+    one for an internal core (which carries no mode of the tensor).
+    Dimension ``j != k`` is the bond to core ``j``, whose size is the rank of
+    edge ``(k, j)``; rank 1 means no edge. A tensor train is the network
+    whose only bonds join neighbours, a tensor ring adds the closing bond, a
+    fully connected network (FCTN) has them all, and a Tucker network joins
+    each mode's core to one internal core.
 
     Attributes
     ----------
     cores : tuple of torch.Tensor
-        ``N`` cores of ``N`` dimensions each.
+        ``M`` cores of ``M`` dimensions each, the ``n_internal`` internal
+        ones last.
     log : tuple of SearchStep
         The structure search that produced the network (empty if none did).
+    n_internal : int
+        How many of the cores are internal.
     """
 
     cores: tuple[torch.Tensor, ...]
     log: tuple[SearchStep, ...] = ()
+    n_internal: int = 0
 
     def __post_init__(self) -> None:
         ndim = len(self.cores)
+        if not 0 <= self.n_internal < ndim:
+            raise ValueError(f"n_internal must be in [0, {ndim}) for {ndim} cores, got {self.n_internal}")
         for k, core in enumerate(self.cores):
             if core.ndim != ndim:
                 raise ValueError(f"core {k} must have {ndim} dimensions (one per core), got shape {tuple(core.shape)}")
+            if k >= ndim - self.n_internal and core.shape[k] != 1:
+                raise ValueError(f"internal core {k} must have size 1 in its own dimension {k}, got shape "
+                                 f"{tuple(core.shape)}")
         for i in range(ndim):
             for j in range(i + 1, ndim):
                 if self.cores[i].shape[j] != self.cores[j].shape[i]:
@@ -441,7 +454,7 @@ class TensorNetwork(Factorization):
     def to_tensor(self) -> torch.Tensor:
         """Contract the network (the path is found once per shape and cached)."""
         inputs, output = network_subscripts(len(self.cores))
-        equation = ",".join(inputs) + "->" + output
+        equation = ",".join(inputs) + "->" + output[: self.n_modes]
         return network_expression(equation, *(tuple(c.shape) for c in self.cores))(*self.cores, backend="torch")
 
     @property
@@ -450,15 +463,20 @@ class TensorNetwork(Factorization):
         return self.cores
 
     @property
+    def n_modes(self) -> int:
+        """The number of modes of the represented tensor (of cores that are not internal)."""
+        return len(self.cores) - self.n_internal
+
+    @property
     def shape(self) -> tuple[int, ...]:
         """Shape of the represented tensor."""
-        return tuple(core.shape[k] for k, core in enumerate(self.cores))
+        return tuple(self.cores[k].shape[k] for k in range(self.n_modes))
 
     @property
     def ranks(self) -> tuple[tuple[int, ...], ...]:
         """The symmetric rank matrix: entry ``(i, j)`` is the bond size between cores ``i`` and ``j``.
 
-        The diagonal holds the mode sizes.
+        The diagonal holds the mode sizes (1 for an internal core).
         """
         return tuple(tuple(core.shape) for core in self.cores)
 
@@ -467,6 +485,26 @@ class TensorNetwork(Factorization):
         """The pairs ``(i, j)``, ``i < j``, joined by a bond of rank above 1."""
         ndim = len(self.cores)
         return tuple((i, j) for i in range(ndim) for j in range(i + 1, ndim) if self.cores[i].shape[j] > 1)
+
+    @classmethod
+    def from_tucker(cls, tucker: Tucker) -> TensorNetwork:
+        """The network of a Tucker decomposition of all modes: its core becomes one internal core.
+
+        Core ``k`` is the factor of mode ``k``, ``(n_k, r_k)``, with its bond
+        at position ``N`` (the internal core), whose bond to core ``k`` has
+        size ``r_k``.
+        """
+        ndim = tucker.core.ndim
+        if sorted(tucker.modes) != list(range(ndim)):
+            raise ValueError(f"from_tucker needs a Tucker decomposition of every mode, got modes {tucker.modes}")
+        factors = dict(zip(tucker.modes, tucker.factors))
+        network_cores = []
+        for k in range(ndim):
+            shape = [1] * (ndim + 1)
+            shape[k], shape[ndim] = factors[k].shape
+            network_cores.append(factors[k].reshape(shape))
+        network_cores.append(tucker.core.unsqueeze(-1))
+        return cls(tuple(network_cores), n_internal=1)
 
     @classmethod
     def from_chain(cls, chain: TT | TR) -> TensorNetwork:

@@ -1,15 +1,14 @@
-"""Tensor networks of learned structure: ALS fitting and greedy edge growth.
+"""Fitting a tensor network of fixed structure: contraction environments, ALS and Adam.
 
-After Hashemizadeh, Liu, Miller and Rabusseau, "Adaptive Learning of Tensor
-Network Structures": start from the network with every rank one, try raising
-each edge's rank, keep the edge that lowers the error most per parameter
-added, refit, and repeat until a target error, a parameter budget, a step
-limit or a time limit is reached.
+The structure search that grows a network is in :mod:`lowrank.decompose.search`;
+the edits it makes to a network's structure in :mod:`lowrank.decompose.tn_edits`.
+Internally a network with internal cores is fitted to the target with one
+trailing dimension of size one per internal core (an internal core's own
+dimension), so that every core, internal or not, is updated the same way.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -18,22 +17,17 @@ from typing import Any
 
 import torch
 
-from lowrank.decompose._checks import check_positive_int, check_tol, checked_input, compute_dtype, make_generator
-from lowrank.decompose._linalg import leading_left_subspace, unfold
-from lowrank.decompose.factorizations import SearchStep, TensorNetwork, network_expression, network_subscripts
+from lowrank.decompose._checks import check_positive_int, checked_input, compute_dtype
+from lowrank.decompose._linalg import unfold
+from lowrank.decompose.factorizations import TensorNetwork, network_expression, network_subscripts
 
-# While the search's relative error is above this, it contracts and forms Gram matrices in float32 (the
-# solves stay in float64): about twice as fast. Float32 Gram matrices and their ridge stall ALS near a
-# relative error of 1e-3 (3e-3 on a planted 6^4 train), well below this.
-SINGLE_PRECISION_ERROR = 3e-2
-# The relative ridge of float32 Gram matrices: near float32's rounding, so that a bond grown beyond the
-# rank the data supports leaves a solvable system (1e-10, the float64 ridge, let a LIVE-image search
-# diverge; 1e-6 stalled the planted train near 1e-2).
-SINGLE_PRECISION_RIDGE = 1e-7
-# A completion search stops after this many steps without a lower error on its held-out entries.
-HOLDOUT_PATIENCE = 3
-_SINGLE = {"gram_dtype": torch.float32, "ridge": SINGLE_PRECISION_RIDGE}
-
+# The relative Tikhonov shift of ALS's float64 normal equations: a multiple of the Gram matrix's mean
+# eigenvalue, enough to keep a bond grown beyond the data's rank solvable. An internal core's Gram matrix
+# is the Kronecker product of its neighbours' and can have a condition number of 1e10 and more; a shift
+# of 1e-10 there raised a planted Tucker network's error from 2e-5 to 1e-3 in one update.
+RIDGE = 1e-13
+# Sweeps over which :func:`als` measures its rate of decrease to judge whether it can reach ``stop_error``.
+RATE_WINDOW = 10
 
 def environment(cores: Sequence[torch.Tensor], k: int) -> torch.Tensor:
     """Contract every core but ``k`` into a matrix ``(bonds of core k, physical modes of the others)``.
@@ -111,9 +105,10 @@ def als(
     modes: Sequence[int] | None = None,
     mask: torch.Tensor | None = None,
     stop_rtol: float = 1e-5,
-    ridge: float = 1e-10,
+    ridge: float = RIDGE,
     gram_dtype: torch.dtype = torch.float64,
     deadline: float = math.inf,
+    stop_error: float = 0.0,
 ) -> float:
     """Alternating least squares over the cores (in place); returns the final relative error.
 
@@ -140,71 +135,29 @@ def als(
         The dtype the normal equations are formed in (see :func:`als_update`).
     deadline : float
         A ``time.perf_counter()`` value after which no new sweep starts.
+    stop_error : float
+        Stop once the error is at most ``stop_error``, or once the rate of
+        decrease of the last ``RATE_WINDOW`` sweeps, kept up, would not reach
+        it within ``n_sweeps``.
 
     """
     modes = range(len(cores)) if modes is None else modes
     unfoldings = {k: unfold(target, k) for k in modes}
     mask_unfoldings = {k: None if mask is None else unfold(mask, k) for k in modes}
-    previous = math.inf
-    error = math.inf
-    for _ in range(n_sweeps):
+    errors, error = [math.inf], math.inf
+    for sweep in range(n_sweeps):
         for k in modes:
             cores[k], offset = als_update(unfoldings[k], cores, k, ridge, mask_unfoldings[k], gram_dtype)
         error = math.sqrt(max(sq_norm + offset, 0.0) / sq_norm) if sq_norm > 0 else 0.0
-        if previous - error <= stop_rtol * error or time.perf_counter() > deadline:
+        if errors[-1] - error <= stop_rtol * error or time.perf_counter() > deadline or error <= stop_error:
             break
-        previous = error
+        errors.append(error)
+        window = min(RATE_WINDOW, len(errors) - 2)
+        if stop_error > 0 and window > 0:
+            rate = math.log(errors[-1 - window] / error) / window  # log of the decrease per sweep
+            if (n_sweeps - sweep - 1) * rate < math.log(error / stop_error):
+                break
     return error
-
-
-def rank_one_cores(x: torch.Tensor) -> list[torch.Tensor]:
-    """Cores of the all-ranks-one network, from each unfolding's leading singular vector."""
-    ndim = x.ndim
-    cores = []
-    for k in range(ndim):
-        vector = leading_left_subspace(unfold(x, k), 1)[:, 0]
-        shape = [1] * ndim
-        shape[k] = x.shape[k]
-        cores.append(vector.reshape(shape))
-    return cores
-
-
-def bond_bound(cores: Sequence[torch.Tensor], i: int, j: int) -> int:
-    """Largest useful rank of bond ``(i, j)``: no larger than the other dimensions of either core."""
-    return min(cores[i].numel() // cores[i].shape[j], cores[j].numel() // cores[j].shape[i])
-
-
-def bond_slices(
-    cores: Sequence[torch.Tensor], i: int, j: int, count: int, generator: torch.Generator
-) -> list[torch.Tensor]:
-    """The cores with cores ``i`` and ``j`` replaced by ``count`` new slices of their bond.
-
-    Zeros in core ``i`` and random ones of core ``j``'s scale in core ``j``
-    (drawn in float64 in any dtype, so that a search draws the same slices in
-    either precision): the start of a fit of the slices alone to the residual
-    of ``cores`` (:func:`als` over modes ``(i, j)``), which :func:`join_slices`
-    adds to the network.
-    """
-    slices = list(cores)
-    shape_i, shape_j = list(cores[i].shape), list(cores[j].shape)
-    shape_i[j] = shape_j[i] = count
-    slices[i] = cores[i].new_zeros(shape_i)
-    scale = float(cores[j].abs().mean()) or 1.0
-    noise = torch.randn(shape_j, generator=generator, device=cores[j].device, dtype=torch.float64)
-    slices[j] = (scale * noise).to(cores[j].dtype)
-    return slices
-
-
-def join_slices(cores: Sequence[torch.Tensor], slices: Sequence[torch.Tensor], i: int, j: int) -> list[torch.Tensor]:
-    """One network that is the sum of ``cores`` and ``slices``, two networks that differ in cores ``i`` and ``j`` only.
-
-    Cores ``i`` and ``j`` are stacked along their bond, whose rank becomes the
-    sum of the two ranks.
-    """
-    joined = list(cores)
-    joined[i] = torch.cat([cores[i], slices[i]], dim=j)
-    joined[j] = torch.cat([cores[j], slices[j]], dim=i)
-    return joined
 
 
 @dataclass(frozen=True)
@@ -225,159 +178,17 @@ class Entries:
         """The same entries in ``dtype``."""
         return Entries(self.target.to(dtype), None if self.mask is None else self.mask.to(dtype), self.sq_norm)
 
+    def padded(self, ndim: int) -> Entries:
+        """The same entries with trailing dimensions of size one up to ``ndim``: a target for ``ndim`` cores.
 
-def tn(
-    x: Any,
-    *,
-    tol: float | None = None,
-    max_params: int | None = None,
-    max_steps: int = 200,
-    time_limit: float | None = None,
-    mask: Any = None,
-    holdout: float = 0.1,
-    growth: float = 0.0,
-    n_sweeps: int = 10,
-    candidate_sweeps: int = 2,
-    final_sweeps: int = 50,
-    seed: int | None = 0,
-) -> TensorNetwork:
-    """Learn a tensor network's structure and cores by greedy edge growth.
+        An internal core's own dimension has size one, so a network of ``N``
+        modes and ``I`` internal cores is fitted to the target with ``I``
+        trailing dimensions of size one.
+        """
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(*t.shape, *([1] * (ndim - t.ndim)))
 
-    Starts from the network with every rank one (fitted by ALS). Each step
-    raises the rank of one bond: every bond is scored by fitting only its new
-    slices in the two cores it joins to the current residual, all other
-    cores fixed (``candidate_sweeps`` ALS sweeps), the bond that lowers the
-    error most per parameter added is kept, and every core is refitted (at
-    most ``n_sweeps`` sweeps). The network is polished by up to
-    ``final_sweeps`` sweeps at the end. The search stops when the error is at
-    most ``tol``, no bond fits in ``max_params``, no bond lowers the error,
-    or after ``max_steps`` steps or ``time_limit`` seconds.
-
-    With ``mask`` the search completes a partly observed tensor: cores are
-    fitted on the observed entries only, except a ``holdout`` fraction of them
-    (drawn with ``seed``) on which bonds are scored. The search stops after
-    ``HOLDOUT_PATIENCE`` (3) steps without a lower error on the held-out
-    entries and goes back to the network of the lowest, so it stops growing
-    when a larger network no longer predicts unseen entries better. The final
-    polish fits all observed entries.
-
-    While the error is above ``SINGLE_PRECISION_ERROR`` (3e-2), scoring,
-    refits and the polish contract and form their normal equations in float32
-    (solving them in float64, with a relative ridge of
-    ``SINGLE_PRECISION_RIDGE``), which halves their cost; a refit that ends
-    below it goes on in ``x``'s precision, as does everything after. The
-    logged errors are computed in ``x``'s precision.
-
-    The network has one core per mode: internal cores (a Tucker core, or a
-    core split into two) are not implemented, so a Tucker tensor is found as
-    a star or denser network with more parameters than its Tucker form.
-
-    Parameters
-    ----------
-    x : torch.Tensor or numpy.ndarray
-        A tensor with at least two modes. Entries where ``mask`` is false are
-        ignored (they may be NaN).
-    tol : float, optional
-        Target relative error in (0, 1) (on the fitted entries).
-    max_params : int, optional
-        Parameter budget; at least the rank-one network's ``sum(x.shape)``.
-    max_steps : int
-        Largest number of accepted bond increments.
-    time_limit : float, optional
-        Seconds after which the search stops; a step under way when it
-        expires is dropped and the final polish is cut short, so the search
-        overruns by at most one candidate fit and one sweep.
-    mask : torch.Tensor or numpy.ndarray, optional
-        Boolean (or 0/1) tensor of ``x``'s shape, true where an entry is observed.
-    holdout : float
-        Fraction of the observed entries held out to score bonds on, in
-        [0, 1) (0 scores bonds on the fitted entries). Used only with ``mask``.
-    growth : float
-        Relative rank increment: a step raises a bond of rank ``r`` by
-        ``max(1, floor(growth * r))`` (within the budget), so large tensors
-        reach a large budget in fewer steps. 0 (the default) adds one at a time.
-        On the 4^8 LIVE images at budgets up to 8192, ``growth=0.5,
-        candidate_sweeps=1, n_sweeps=3`` reaches the budget within a minute
-        (``benchmarks/tn_search.py``).
-    n_sweeps, candidate_sweeps, final_sweeps : int
-        ALS sweeps after each accepted step, for scoring each candidate, and
-        at the end.
-    seed : int or None
-        Seed of the random slices that new bonds start from and of the holdout draw.
-
-    Returns
-    -------
-    TensorNetwork
-        The network, with the search in ``log`` (structure, parameters, error
-        on the fitted entries, error on the held-out ones and elapsed time
-        after every step; the last entry is after the polish, of the network
-        returned, which with a held-out part may be an earlier step's).
-
-    Examples
-    --------
-    >>> import torch, lowrank
-    >>> _ = torch.manual_seed(0)
-    >>> a, b = torch.randn(6, 3, dtype=torch.float64), torch.randn(3, 7, 5, dtype=torch.float64)
-    >>> x = torch.einsum("ir,rjk->ijk", a, b)      # mode 0 joined to the rest by a rank-3 bond
-    >>> net = lowrank.decompose.tn(x, tol=1e-6)
-    >>> net.relative_error(x) < 1e-6, net.edges, net.ranks[0][1]
-    (True, ((0, 1), (1, 2)), 3)
-
-    """
-    start = time.perf_counter()
-    observed = checked_mask(mask, x)
-    if observed is not None:
-        x = torch.as_tensor(x).masked_fill(~observed.to(torch.as_tensor(x).device), 0.0)
-    x, work, sq_norm, scale = checked_input(x)
-    if x.ndim < 2:
-        raise ValueError(f"x must have at least 2 modes for a tensor network, got shape {tuple(x.shape)}")
-    tol = check_tol(tol)
-    max_steps = check_positive_int(max_steps, "max_steps", minimum=0)
-    n_sweeps = check_positive_int(n_sweeps, "n_sweeps")
-    candidate_sweeps = check_positive_int(candidate_sweeps, "candidate_sweeps")
-    final_sweeps = check_positive_int(final_sweeps, "final_sweeps", minimum=0)
-    max_params = _checked_budget(max_params, x.shape)
-    if time_limit is not None and not time_limit > 0:
-        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
-    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
-        raise ValueError(f"holdout must be a fraction in [0, 1), got {holdout!r}")
-    if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not 0 <= growth < math.inf:
-        raise ValueError(f"growth must be a finite number >= 0, got {growth!r}")
-    generator = make_generator(seed, x.device)
-    deadline = math.inf if time_limit is None else start + time_limit
-    observed_entries = _entries(work, None if observed is None else observed.to(work))
-    fitted, held_out = observed_entries, None
-    if observed is not None and holdout > 0:
-        fitted, held_out = _split(work, observed_entries.mask, holdout, generator)
-    cores = rank_one_cores(fitted.target)
-    als(fitted.target, cores, fitted.sq_norm, n_sweeps, mask=fitted.mask, deadline=deadline)
-    error = fitted.error(cores)
-    log = [_step(cores, error, held_out, start)]
-    kept = (cores, error, 0)  # with a held-out part: the network that predicts it best, and its step
-    for _ in range(max_steps):
-        if (tol is not None and error <= tol) or time.perf_counter() > deadline:
-            break
-        if held_out is not None and len(log) - 1 - kept[2] >= HOLDOUT_PATIENCE:
-            break
-        entries, options = _precision(fitted, error)
-        best = _best_candidate(
-            [c.to(entries.target.dtype) for c in cores], entries, held_out, max_params, growth, candidate_sweeps,
-            generator, deadline, options,
-        )
-        if best is None:
-            break
-        cores, error = _refit(best, fitted, error, n_sweeps, 1e-5, deadline)
-        log.append(_step(cores, error, held_out, start))
-        if held_out is not None and log[-1].holdout_error < log[kept[2]].holdout_error:
-            kept = (cores, error, len(log) - 1)
-    if held_out is not None:
-        cores, error, _ = kept
-    polish = final_sweeps and (tol is None or error > tol or held_out is not None)
-    if polish and observed_entries.sq_norm > 0 and time.perf_counter() < deadline:
-        cores, error = _refit(cores, observed_entries, error, final_sweeps, 1e-6, deadline)
-        log.append(_step(cores, error, None, start))
-    cores[-1] = cores[-1] * scale
-    return TensorNetwork(tuple(c.to(x.dtype) for c in cores), tuple(log))
+        return Entries(pad(self.target), None if self.mask is None else pad(self.mask), self.sq_norm)
 
 
 def checked_mask(mask: Any, x: Any) -> torch.Tensor | None:
@@ -397,120 +208,11 @@ def checked_mask(mask: Any, x: Any) -> torch.Tensor | None:
     return mask
 
 
-def _entries(target: torch.Tensor, mask: torch.Tensor | None) -> Entries:
+def entries_of(target: torch.Tensor, mask: torch.Tensor | None) -> Entries:
     """The entries of ``target`` where ``mask`` is 1 (all when None)."""
     if mask is not None:
         target = target * mask
     return Entries(target, mask, float(torch.sum(target.double() ** 2)))
-
-
-def _split(target: torch.Tensor, mask: torch.Tensor, holdout: float,
-           generator: torch.Generator) -> tuple[Entries, Entries | None]:
-    """The observed entries split at random into fitted ones and a held-out ``holdout`` fraction of them."""
-    draw = torch.rand(mask.shape, generator=generator, device=mask.device, dtype=torch.float64) < holdout
-    held = mask * draw.to(mask)
-    if not bool(held.any()) or bool(torch.equal(held, mask)):
-        return _entries(target, mask), None
-    return _entries(target, mask - held), _entries(target, held)
-
-
-def _checked_budget(max_params: int | None, shape: Sequence[int]) -> int | None:
-    """``max_params``, checked to hold at least the rank-one network."""
-    if max_params is None:
-        return None
-    max_params = check_positive_int(max_params, "max_params")
-    if max_params < sum(shape):
-        raise ValueError(
-            f"max_params={max_params} is below the {sum(shape)} parameters of the rank-one network "
-            f"of shape {tuple(shape)} (the sum of its dimensions)"
-        )
-    return max_params
-
-
-def _precision(entries: Entries, error: float) -> tuple[Entries, dict[str, Any]]:
-    """The entries and :func:`als` options a fit at relative ``error`` runs with (see ``SINGLE_PRECISION_ERROR``)."""
-    if error > SINGLE_PRECISION_ERROR:
-        return entries.to(torch.float32), _SINGLE
-    return entries, {}
-
-
-def _refit(
-    cores: list[torch.Tensor], entries: Entries, error: float, n_sweeps: int, stop_rtol: float, deadline: float
-) -> tuple[list[torch.Tensor], float]:
-    """All cores refitted by ALS from a network of relative ``error``, in the precision that error calls for.
-
-    A fit in float32 that ends below ``SINGLE_PRECISION_ERROR`` goes on in the
-    entries' own precision. Returns the cores in that precision and their
-    error, computed in it.
-    """
-    fit_entries, options = _precision(entries, error)
-    cores = [c.to(fit_entries.target.dtype) for c in cores]
-    als(fit_entries.target, cores, fit_entries.sq_norm, n_sweeps, mask=fit_entries.mask, stop_rtol=stop_rtol,
-        deadline=deadline, **options)
-    cores = [c.to(entries.target.dtype) for c in cores]
-    error = entries.error(cores)
-    if options and error <= SINGLE_PRECISION_ERROR and time.perf_counter() <= deadline:
-        als(entries.target, cores, entries.sq_norm, n_sweeps, mask=entries.mask, stop_rtol=stop_rtol,
-            deadline=deadline)
-        error = entries.error(cores)
-    return cores, error
-
-
-def _best_candidate(
-    cores: list[torch.Tensor],
-    fitted: Entries,
-    held_out: Entries | None,
-    max_params: int | None,
-    growth: float,
-    sweeps: int,
-    generator: torch.Generator,
-    deadline: float,
-    options: dict[str, Any],
-) -> list[torch.Tensor] | None:
-    """The cores with the bond of best gain per parameter grown; None when no bond fits or helps.
-
-    A bond of rank ``r`` grows by ``max(1, floor(growth * r))``, less where its
-    bound or the budget allow less. Its new slices alone are fitted to the
-    residual (``sweeps`` ALS sweeps with ``options``); the gain is the drop of
-    the error on the ``held_out`` entries if given, else on the fitted ones.
-    """
-    params = sum(c.numel() for c in cores)
-    ndim = len(cores)
-    residual = fitted.target - TensorNetwork(tuple(cores)).to_tensor()
-    if fitted.mask is not None:
-        residual = residual * fitted.mask
-    sq_residual = float(torch.sum(residual.double() ** 2))
-    if sq_residual == 0 or fitted.sq_norm == 0:
-        return None
-    current = math.sqrt(sq_residual / fitted.sq_norm) if held_out is None else held_out.error(cores)
-    best, best_gain = None, 0.0
-    for i, j in itertools.combinations(range(ndim), 2):
-        per_rank = cores[i].numel() // cores[i].shape[j] + cores[j].numel() // cores[j].shape[i]
-        count = min(max(1, math.floor(growth * cores[i].shape[j])), bond_bound(cores, i, j) - cores[i].shape[j])
-        if max_params is not None:
-            count = min(count, (max_params - params) // per_rank)
-        if count < 1:
-            continue
-        added = count * per_rank
-        if time.perf_counter() > deadline:
-            return None  # a step cut short compares too few bonds to be trusted
-        slices = bond_slices(cores, i, j, count, generator)
-        left = als(residual, slices, sq_residual, sweeps, modes=(i, j), mask=fitted.mask, stop_rtol=0.0, **options)
-        candidate = join_slices(cores, slices, i, j)
-        if held_out is None:
-            candidate_error = left * math.sqrt(sq_residual / fitted.sq_norm)
-        else:
-            candidate_error = held_out.error(candidate)
-        gain = (current - candidate_error) / added
-        if gain > best_gain:
-            best, best_gain = candidate, gain
-    return best
-
-
-def _step(cores: Sequence[torch.Tensor], error: float, held_out: Entries | None, start: float) -> SearchStep:
-    ranks = tuple(tuple(c.shape) for c in cores)
-    holdout_error = None if held_out is None else held_out.error(cores)
-    return SearchStep(ranks, sum(c.numel() for c in cores), error, time.perf_counter() - start, holdout_error)
 
 
 def _network_input(x: Any, network: TensorNetwork, mask: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -534,7 +236,7 @@ def tn_als(
     mask: Any = None,
     n_sweeps: int = 50,
     stop_rtol: float = 1e-6,
-    ridge: float = 1e-10,
+    ridge: float = RIDGE,
 ) -> TensorNetwork:
     """Fit the cores of a network of fixed structure to ``x`` by alternating least squares.
 
@@ -567,11 +269,11 @@ def tn_als(
     x, observed = _network_input(x, network, mask)
     n_sweeps = check_positive_int(n_sweeps, "n_sweeps")
     work = x.to(compute_dtype(x.dtype))
-    entries = _entries(work, None if observed is None else observed.to(work))
     cores = [c.to(device=work.device, dtype=work.dtype) for c in network.cores]
+    entries = entries_of(work, None if observed is None else observed.to(work)).padded(len(cores))
     if entries.sq_norm > 0:
         als(entries.target, cores, entries.sq_norm, n_sweeps, mask=entries.mask, stop_rtol=stop_rtol, ridge=ridge)
-    return TensorNetwork(tuple(c.to(x.dtype) for c in cores))
+    return TensorNetwork(tuple(c.to(x.dtype) for c in cores), n_internal=network.n_internal)
 
 
 def tn_adam(
@@ -619,10 +321,10 @@ def tn_adam(
     optimizer = torch.optim.Adam(cores, lr=lr)
     for _ in range(steps):
         optimizer.zero_grad()
-        approx = TensorNetwork(tuple(cores)).to_tensor()
+        approx = TensorNetwork(tuple(cores), n_internal=network.n_internal).to_tensor()
         if observed is not None:
             approx = approx[observed]
         value = torch.sum((approx - target) ** 2) / sq_norm if loss is None else loss(approx, target)
         value.backward()
         optimizer.step()
-    return TensorNetwork(tuple(c.detach() for c in cores))
+    return TensorNetwork(tuple(c.detach() for c in cores), n_internal=network.n_internal)

@@ -47,9 +47,9 @@ class TNLinear(FactorizedModule):
 
     The ``(out_features, in_features)`` weight, viewed as the ``d``-way tensor
     of :func:`tensorize_weight` (mode ``k`` pairs ``m_k`` outputs with ``n_k``
-    inputs), is a :class:`lowrank.decompose.TensorNetwork`: one core per mode,
-    joined by the ``bonds`` a structure search (:func:`lowrank.decompose.tn`)
-    found. The forward contracts the input with the cores along a path found
+    inputs), is a :class:`lowrank.decompose.TensorNetwork`: one core per mode
+    and ``n_internal`` internal cores, joined by the ``bonds`` a structure
+    search (:func:`lowrank.decompose.tn`) found. The forward contracts the input with the cores along a path found
     once per batch size by ``opt_einsum``'s dynamic programming (the
     cheapest order for that batch: it may merge cores first when the batch is
     large).
@@ -61,12 +61,16 @@ class TNLinear(FactorizedModule):
         ``(m_1, ..., m_d)`` of ``out_features``, of equal length ``d >= 2``.
     bonds : sequence of (int, int, int)
         The network's edges ``(i, j, rank)``; pairs not listed have rank 1.
+        Cores ``0 .. d-1`` hold the modes, cores ``d .. d + n_internal - 1``
+        are internal.
     bias : bool
         Whether the layer has a bias.
     dense_type : {"Linear", "Conv1D"}
         The layer type :meth:`to_dense` rebuilds.
     device, dtype
         Where and in which dtype the (uninitialised) cores are created.
+    n_internal : int
+        Number of internal cores (which carry no mode).
 
     Examples
     --------
@@ -89,6 +93,7 @@ class TNLinear(FactorizedModule):
         dense_type: str = "Linear",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        n_internal: int = 0,
     ) -> None:
         super().__init__()
         in_shape, out_shape = _check_shape(in_shape, "in_shape"), _check_shape(out_shape, "out_shape")
@@ -96,22 +101,31 @@ class TNLinear(FactorizedModule):
             raise ValueError(f"in_shape {in_shape} and out_shape {out_shape} must have the same length")
         if dense_type not in LINEAR_TYPES:
             raise ValueError(f"dense_type must be one of {LINEAR_TYPES}, got {dense_type!r}")
+        if isinstance(n_internal, bool) or not isinstance(n_internal, int) or n_internal < 0:
+            raise ValueError(f"n_internal must be an int >= 0, got {n_internal!r}")
         d = len(in_shape)
+        n_cores = d + n_internal
         self.in_shape, self.out_shape, self.dense_type = in_shape, out_shape, dense_type
+        self.n_internal = n_internal
         self.in_features, self.out_features = math.prod(in_shape), math.prod(out_shape)
-        self.bonds = _checked_bonds(bonds, d)
-        ranks = [[m * n if i == j else 1 for j in range(d)] for i, (m, n) in enumerate(zip(out_shape, in_shape))]
+        self.bonds = _checked_bonds(bonds, n_cores)
+        sizes = [m * n for m, n in zip(out_shape, in_shape)] + [1] * n_internal
+        ranks = [[sizes[i] if i == j else 1 for j in range(n_cores)] for i in range(n_cores)]
         for i, j, rank in self.bonds:
             ranks[i][j] = ranks[j][i] = rank
         kwargs = {"device": device, "dtype": dtype}
         self.cores = nn.ParameterList(nn.Parameter(torch.empty(row, **kwargs)) for row in ranks)
         self.bias = nn.Parameter(torch.empty(self.out_features, **kwargs)) if bias else None
-        inputs, _ = network_subscripts(d)
-        out_letters = [opt_einsum.get_symbol(d * d + k) for k in range(d)]
-        in_letters = [opt_einsum.get_symbol(d * d + d + k) for k in range(d)]
-        batch = opt_einsum.get_symbol(d * d + 2 * d)
-        # core k's mode letter split into (output, input) letters; the input and output get a batch letter
-        cores = [spec.replace(spec[k], out_letters[k] + in_letters[k]) for k, spec in enumerate(inputs)]
+        inputs, _ = network_subscripts(n_cores)
+        first_free = n_cores * n_cores  # beyond the letters of the network's indices
+        out_letters = [opt_einsum.get_symbol(first_free + k) for k in range(d)]
+        in_letters = [opt_einsum.get_symbol(first_free + d + k) for k in range(d)]
+        batch = opt_einsum.get_symbol(first_free + 2 * d)
+        # core k's mode letter split into (output, input) letters; the input and output get a batch letter;
+        # an internal core's own letter (of size one) is summed away
+        cores = [
+            spec.replace(spec[k], out_letters[k] + in_letters[k]) if k < d else spec for k, spec in enumerate(inputs)
+        ]
         self._equation = ",".join([batch + "".join(in_letters), *cores]) + "->" + batch + "".join(out_letters)
 
     @classmethod
@@ -151,7 +165,8 @@ class TNLinear(FactorizedModule):
                 f"{tuple(out_shape)} and in_shape {tuple(in_shape)}"
             )
         bonds = [(i, j, network.ranks[i][j]) for i, j in network.edges]
-        layer = cls(in_shape, out_shape, bonds, bias is not None, dense_type, network.device, network.dtype)
+        layer = cls(in_shape, out_shape, bonds, bias is not None, dense_type, network.device, network.dtype,
+                    network.n_internal)
         with torch.no_grad():
             for core, value in zip(layer.cores, network.cores):
                 core.copy_(value)
@@ -207,13 +222,14 @@ class TNLinear(FactorizedModule):
     @property
     def network(self) -> TensorNetwork:
         """The cores as a :class:`lowrank.decompose.TensorNetwork` of the tensorised weight."""
-        return TensorNetwork(tuple(self.cores))
+        return TensorNetwork(tuple(self.cores), n_internal=self.n_internal)
 
     def _operand_shapes(self, rows: int) -> list[tuple[int, ...]]:
         """Shapes of the forward's operands: the input ``(rows, *in_shape)``, then each core with its mode split."""
         shapes = [(rows, *self.in_shape)]
         for k, core in enumerate(self.cores):
-            shapes.append((*core.shape[:k], self.out_shape[k], self.in_shape[k], *core.shape[k + 1:]))
+            mode = (self.out_shape[k], self.in_shape[k]) if k < len(self.in_shape) else (1,)
+            shapes.append((*core.shape[:k], *mode, *core.shape[k + 1:]))
         return shapes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -238,13 +254,14 @@ class TNLinear(FactorizedModule):
         return dense_linear(self.weight.detach(), self.bias, self.dense_type)
 
     def config(self) -> dict[str, Any]:
-        """``in_shape``, ``out_shape``, ``bonds`` (``[i, j, rank]`` lists), ``bias`` and ``dense_type``."""
+        """The constructor's arguments: shapes, ``bonds`` (``[i, j, rank]`` lists), bias, dense type, ``n_internal``."""
         return {
             "in_shape": list(self.in_shape),
             "out_shape": list(self.out_shape),
             "bonds": [list(bond) for bond in self.bonds],
             "bias": self.bias is not None,
             "dense_type": self.dense_type,
+            "n_internal": self.n_internal,
         }
 
     def flops(self, input_shape: tuple[int, ...]) -> int:
@@ -263,5 +280,5 @@ class TNLinear(FactorizedModule):
         """Shapes, bonds and bias."""
         return (
             f"in_shape={self.in_shape}, out_shape={self.out_shape}, bonds={self.bonds}, "
-            f"bias={self.bias is not None}"
+            f"n_internal={self.n_internal}, bias={self.bias is not None}"
         )
