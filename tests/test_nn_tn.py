@@ -162,3 +162,18 @@ def test_compress_save_and_load_with_method_tn(tmp_path):
     assert torch.equal(reloaded(x), model(x))
     with pytest.raises(ValueError, match="method 'tn' searches a network within a parameter budget"):
         lowrank.compress(nn.Sequential(nn.Linear(24, 24)), rank=4, method="tn", progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layers_run_on_cuda():
+    layer = TNLinear((3, 4, 2), (2, 3, 4), TUCKER_BONDS, n_internal=1, device="cuda")
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    x = torch.randn(7, 24, device="cuda")
+    out = layer(x)
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-4, atol=1e-4)
+    dense = nn.Linear(24, 24).cuda()
+    searched = TNLinear.from_dense(dense, out_shape=(2, 3, 4), in_shape=(3, 4, 2), max_params=300)
+    assert searched.cores[0].device.type == "cuda" and searched(x).device.type == "cuda"

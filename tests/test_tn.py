@@ -489,3 +489,20 @@ def test_fitting_checks_the_network_and_holdout():
         tn(x, mask=torch.ones(5, 6, 7, dtype=torch.bool), holdout=1.0)
 
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_search_fit_and_shrink_run_on_cuda(dtype):
+    x = planted_tucker((6, 6, 6, 6), (2, 3, 3, 2), seed=50)
+    tol = 1e-3 if dtype == torch.float32 else 1e-6
+    net = tn(x.to("cuda", dtype), tol=tol, seed=0)
+    assert net.device.type == "cuda" and all(c.device.type == "cuda" and c.dtype == dtype for c in net.cores)
+    assert net.relative_error(x.cuda()) < tol and net.n_internal == 1
+    mask = torch.rand(x.shape, generator=generator(51)) < 0.5
+    completed = tn(x.to("cuda", dtype), mask=mask.cuda(), tol=tol, seed=0)
+    missing, dense = (~mask).cuda(), x.cuda()
+    error = torch.linalg.norm((completed.to_tensor().double() - dense)[missing]) / torch.linalg.norm(dense[missing])
+    assert float(error) < 10 * tol
+    refit = tn_als(x.to("cuda", dtype), net, n_sweeps=5)
+    assert refit.device.type == "cuda" and refit.relative_error(x.cuda()) < tol
