@@ -365,27 +365,30 @@ def _splitting_edits(cores: list[torch.Tensor], n_modes: int, tol: float) -> lis
     """Smaller structures to try: one mode core split, or one group of internal cores merged and every core split.
 
     Mode core ``k`` is split (:func:`split_core`) at the numerical rank of
-    its matricisation (the singular values above ``tol`` times the largest)
-    if that saves parameters, then internal cores are merged while that
-    saves (:func:`merge_while_saving`). A group of joined internal cores is
-    merged even if that alone costs parameters, since it can make a split of
-    the cores around it pay. Returned: the edits with fewer parameters than
-    ``cores``, fewest first.
+    its matricisation (the singular values above ``tol`` times the largest),
+    internal cores are then merged while that saves
+    (:func:`merge_while_saving`), and the split is kept if the two together
+    save parameters. A group of joined internal cores is merged even if that
+    alone costs parameters, since it can make a split of the cores around it
+    pay. Returned: the edits with fewer parameters than ``cores``, fewest
+    first.
     """
+    def size(network: list[torch.Tensor]) -> int:
+        return sum(c.numel() for c in network)
+
     def split_where_it_saves(edited: list[torch.Tensor], modes: Sequence[int]) -> list[torch.Tensor]:
         for k in modes:
             spectrum = core_spectrum(edited[k], k)
             rank = int(torch.sum(spectrum > tol * spectrum[0]))
-            if rank * (edited[k].shape[k] + edited[k].numel() // edited[k].shape[k]) < edited[k].numel():
-                edited = merge_while_saving(split_core(edited, k, rank), n_modes)
+            if rank < spectrum.numel():
+                split = merge_while_saving(split_core(edited, k, rank), n_modes)
+                edited = split if size(split) < size(edited) else edited
         return edited
 
-    params = sum(c.numel() for c in cores)
     trials = [split_where_it_saves(cores, [k]) for k in range(n_modes)]
     trials += [split_where_it_saves(merge_group(cores, group), range(n_modes))
                for group in internal_groups(cores, n_modes)]
-    sizes = [sum(c.numel() for c in trial) for trial in trials]
-    return [trials[i] for i in sorted(range(len(trials)), key=lambda i: sizes[i]) if sizes[i] < params]
+    return sorted((trial for trial in trials if size(trial) < size(cores)), key=size)
 
 
 def _rank_cost(cores: Sequence[torch.Tensor], i: int, j: int) -> int:
