@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "info":
             return _info(args)
         x = _load_tensor(args.file, args.key)
-        options = {"rank": _parse_rank(args.rank)}
+        options = {} if args.rank is None else {"rank": _parse_rank(args.rank)}
         if args.tol is not None:
             options["tol"] = args.tol
         factorization = lowrank.decompose(x, args.method, **options)

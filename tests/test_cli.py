@@ -24,6 +24,14 @@ def test_decompose_npy_reports_the_factorization(low_rank_npy, capsys):
     assert error < 1e-6
 
 
+def test_decompose_searches_a_network_with_only_a_tolerance(low_rank_npy, capsys):
+    # the planted Tucker comes back as its Tucker network: the search's one internal core
+    assert main(["decompose", str(low_rank_npy), "--method", "tn", "--tol", "1e-6"]) == 0
+    out = capsys.readouterr().out
+    assert "TensorNetwork(shape=(6, 7, 8)" in out and "num_params=50" in out  # 2 * (6 + 7 + 8) + 2**3
+    assert float(out.rsplit("relative error:", 1)[1]) < 1e-6
+
+
 def test_decompose_safetensors_key(tmp_path, capsys):
     path = tmp_path / "w.safetensors"
     save_file({"layer.weight": torch.randn(12, 10)}, str(path))

@@ -456,6 +456,8 @@ def test_dispatch_and_dtype():
         ({"tol": 1.5}, "tol must be a relative error in the open interval"),
         ({"time_limit": 0}, "time_limit must be a positive number of seconds, got 0"),
         ({"max_steps": -1}, "max_steps must be an integer >= 0, got -1"),
+        ({"split": "yes"}, "split must be True or False, got 'yes'"),
+        ({"prune": None}, "prune must be True or False, got None"),
     ],
 )
 def test_bad_input(kwargs, message):

@@ -236,6 +236,9 @@ def tn(
         raise ValueError(f"holdout must be a fraction in [0, 1), got {holdout!r}")
     if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not 0 <= growth < math.inf:
         raise ValueError(f"growth must be a finite number >= 0, got {growth!r}")
+    for name, flag in (("prune", prune), ("split", split)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
     generator = make_generator(seed, x.device)
     deadline = math.inf if time_limit is None else start + time_limit
     observed_entries = entries_of(work, None if observed is None else observed.to(work))
