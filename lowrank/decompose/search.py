@@ -277,7 +277,7 @@ def tn(
         if shrunk is not cores:
             cores = shrunk
             if final_sweeps:
-                cores, error = _refit(cores, observed_entries.padded(len(cores)), error, final_sweeps, 1e-6, deadline)
+                cores, error = _refit(cores, observed_entries, error, final_sweeps, 1e-6, deadline)
             log.append(_step(cores, error, None, start))
     cores[-1] = cores[-1] * scale
     n_internal = len(cores) - x.ndim
@@ -316,7 +316,8 @@ def _within_tol(
     trial: list[torch.Tensor], entries: Entries, tol: float, n_sweeps: int, deadline: float
 ) -> tuple[list[torch.Tensor], float] | None:
     """``trial`` refitted by ALS and its error, if that error is at most ``tol``; else None."""
-    trial, error = _refit(trial, entries.padded(len(trial)), tol, n_sweeps, 1e-6, deadline, stop_error=tol)
+    # the refit starts within reach of tol, so tol picks its precision
+    trial, error = _refit(trial, entries, tol, n_sweeps, 1e-6, deadline, stop_error=tol)
     return (trial, error) if error <= tol else None
 
 
@@ -376,22 +377,24 @@ def _splitting_edits(cores: list[torch.Tensor], n_modes: int, tol: float) -> lis
     pay. Returned: the edits with fewer parameters than ``cores``, fewest
     first.
     """
-    def size(network: list[torch.Tensor]) -> int:
-        return sum(c.numel() for c in network)
-
     def split_where_it_saves(edited: list[torch.Tensor], modes: Sequence[int]) -> list[torch.Tensor]:
         for k in modes:
             spectrum = core_spectrum(edited[k], k)
             rank = int(torch.sum(spectrum > tol * spectrum[0]))
             if rank < spectrum.numel():
                 split = merge_while_saving(split_core(edited, k, rank), n_modes)
-                edited = split if size(split) < size(edited) else edited
+                edited = split if _size(split) < _size(edited) else edited
         return edited
 
     trials = [split_where_it_saves(cores, [k]) for k in range(n_modes)]
     trials += [split_where_it_saves(merge_group(cores, group), range(n_modes))
                for group in internal_groups(cores, n_modes)]
-    return sorted((trial for trial in trials if size(trial) < size(cores)), key=size)
+    return sorted((trial for trial in trials if _size(trial) < _size(cores)), key=_size)
+
+
+def _size(cores: Sequence[torch.Tensor]) -> int:
+    """Parameters of a network's cores."""
+    return sum(c.numel() for c in cores)
 
 
 def _rank_cost(cores: Sequence[torch.Tensor], i: int, j: int) -> int:
@@ -399,8 +402,9 @@ def _rank_cost(cores: Sequence[torch.Tensor], i: int, j: int) -> int:
     return cores[i].numel() // cores[i].shape[j] + cores[j].numel() // cores[j].shape[i]
 
 
-def _holdout_split(target: torch.Tensor, mask: torch.Tensor, holdout: float,
-           generator: torch.Generator) -> tuple[Entries, Entries | None]:
+def _holdout_split(
+    target: torch.Tensor, mask: torch.Tensor, holdout: float, generator: torch.Generator
+) -> tuple[Entries, Entries | None]:
     """The observed entries split at random into fitted ones and a held-out ``holdout`` fraction of them."""
     draw = torch.rand(mask.shape, generator=generator, device=mask.device, dtype=torch.float64) < holdout
     held = mask * draw.to(mask)
@@ -445,6 +449,7 @@ def _refit(
     :func:`als`). Returns the cores in that precision and their error,
     computed in it.
     """
+    entries = entries.padded(len(cores))  # one trailing size-1 dimension per internal core
     fit_entries, options = _precision(entries, error)
     cores = [c.to(fit_entries.target.dtype) for c in cores]
     als(fit_entries.target, cores, fit_entries.sq_norm, n_sweeps, mask=fit_entries.mask, stop_rtol=stop_rtol,
@@ -476,7 +481,7 @@ def _best_candidate(
     residual (``sweeps`` ALS sweeps with ``options``); the gain is the drop of
     the error on the ``held_out`` entries if given, else on the fitted ones.
     """
-    params = sum(c.numel() for c in cores)
+    params = _size(cores)
     ndim = len(cores)
     residual = fitted.target - TensorNetwork(tuple(cores)).to_tensor()
     if fitted.mask is not None:
@@ -512,6 +517,6 @@ def _best_candidate(
 def _step(cores: Sequence[torch.Tensor], error: float, held_out: Entries | None, start: float) -> SearchStep:
     ranks = tuple(tuple(c.shape) for c in cores)
     holdout_error = None if held_out is None else held_out.error(cores)
-    return SearchStep(ranks, sum(c.numel() for c in cores), error, time.perf_counter() - start, holdout_error)
+    return SearchStep(ranks, _size(cores), error, time.perf_counter() - start, holdout_error)
 
 

@@ -49,10 +49,10 @@ class TNLinear(FactorizedModule):
     of :func:`tensorize_weight` (mode ``k`` pairs ``m_k`` outputs with ``n_k``
     inputs), is a :class:`lowrank.decompose.TensorNetwork`: one core per mode
     and ``n_internal`` internal cores, joined by the ``bonds`` a structure
-    search (:func:`lowrank.decompose.tn`) found. The forward contracts the input with the cores along a path found
-    once per batch size by ``opt_einsum``'s dynamic programming (the
-    cheapest order for that batch: it may merge cores first when the batch is
-    large).
+    search (:func:`lowrank.decompose.tn`) found. The forward contracts the
+    input with the cores along a path found once per batch size by
+    ``opt_einsum``'s dynamic programming (the cheapest order for that batch:
+    it may merge cores first when the batch is large).
 
     Parameters
     ----------
