@@ -39,10 +39,8 @@ def _load_tensor(path: Path, key: str | None) -> torch.Tensor:
     raise ValueError(f"{path}: expected a .npy or .safetensors file")
 
 
-def _parse_rank(text: str | None) -> int | list[int] | None:
+def _parse_rank(text: str) -> int | list[int]:
     """``"8"`` -> 8, ``"4,5,6"`` -> [4, 5, 6]."""
-    if text is None:
-        return None
     values = [int(v) for v in text.split(",")]
     return values[0] if len(values) == 1 else values
 

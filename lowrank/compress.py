@@ -36,8 +36,10 @@ from lowrank.nn import (
     linear_rank_for_ratio,
     linear_weight,
     svd_rank_for_ratio,
+    swap_modules,
     tt_rank_for_ratio,
     tucker2_ranks_for_ratio,
+    weight_ratio,
 )
 from lowrank.rank import Energy, FixedRank, RankPolicy
 
@@ -236,7 +238,7 @@ def _choose_rank(
     if ratio is not None:
         bias = getattr(module, "bias", None)
         bias_size = 0 if bias is None else bias.numel()
-        ratio = (ratio * (weight.numel() + bias_size) - bias_size) / weight.numel()
+        ratio = weight_ratio(ratio, weight.numel(), bias_size)
         if ratio <= 0:
             return 0
     if method == "tucker2":
@@ -660,18 +662,3 @@ def _compress_calibrated(
             row.relative_error = _weight_error(layer, plan.module)
             row.params_after = plan.module.num_params
         report.layers.append(row)
-
-
-def swap_modules(model: nn.Module, replacements: Sequence[tuple[str, nn.Module]]) -> None:
-    """Set each named submodule of ``model`` to its replacement, all or none."""
-    done = []
-    try:
-        for name, new in replacements:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            done.append((parent, child, getattr(parent, child)))
-            setattr(parent, child, new)
-    except Exception:
-        for parent, child, old in reversed(done):
-            setattr(parent, child, old)
-        raise

@@ -32,7 +32,6 @@ from lowrank.calibrate import (
     Calibration,
     CalibrationBatch,
     asvd_low_rank,
-    cholesky_factor,
     collect_input_statistics,
     collect_output_fisher,
     collect_paired_statistics,
@@ -42,7 +41,14 @@ from lowrank.calibrate import (
     run_calibration,
     whitened_low_rank,
 )
-from lowrank.nn import LowRankLinear, is_hf_conv1d, linear_rank_for_ratio, linear_weight
+from lowrank.nn import (
+    LowRankLinear,
+    is_hf_conv1d,
+    linear_rank_for_ratio,
+    linear_weight,
+    swap_modules,
+    weight_ratio,
+)
 from lowrank.rank import LayerBudget, RankPolicy, allocate_ranks
 
 ALLOCATIONS = ("uniform", "energy", "fisher", "sensitivity")
@@ -122,10 +128,8 @@ def first_order_scores(weight: torch.Tensor, gram: torch.Tensor, gradient: torch
     the first-order change of the loss when component ``k`` is dropped (a
     Taylor criterion, as in Molchanov et al. 2019, per singular component).
     """
-    chol = cholesky_factor(gram)
-    u, s, vh = torch.linalg.svd(weight @ chol, full_matrices=False)
-    right = torch.linalg.solve_triangular(chol.T, vh.T, upper=True)  # S^{-T} V
-    return (s * ((u.T @ gradient) * right.T).sum(1)).abs()
+    first, second, _ = whitened_low_rank(weight.double(), gram, min(weight.shape))  # dW_k = second_k first_k
+    return ((second.T @ gradient.double()) * first).sum(1).abs()
 
 
 def choose_ranks(
@@ -172,8 +176,8 @@ def choose_ranks(
         for name, layer in layers.items():
             weight = linear_weight(layer)
             bias = 0 if layer.bias is None else layer.bias.numel()
-            weight_ratio = (ratio * (weight.numel() + bias) - bias) / weight.numel()
-            rank = linear_rank_for_ratio(*weight.shape, weight_ratio) if weight_ratio > 0 else 0
+            share = weight_ratio(ratio, weight.numel(), bias)
+            rank = linear_rank_for_ratio(*weight.shape, share) if share > 0 else 0
             ranks[name] = rank if 1 <= rank <= break_even_rank(layer) else None
         return ranks
     budgets = []
@@ -304,7 +308,7 @@ def compress_linears(
                          normalize=allocation == "energy")
     ranks.update(choose_ranks(unreached, spectra, ratio=ratio, policy=policy, allocation="uniform", normalize=False))
     plans: dict[str, LinearPlan] = {}
-    replaced: list[tuple[nn.Module, str, nn.Module]] = []
+    replaced: list[str] = []
     # a forward pass may stop once a group has its inputs, unless some layer runs twice in one pass
     early = isinstance(calibration, Sequence) and all(count == 1 for count in calls.values())
     refit = refit and sequential and whiten is True
@@ -329,13 +333,10 @@ def compress_linears(
             for name in todo:
                 plans[name] = _factorize(name, layers[name], ranks[name], whiten, stats[name], abs_means[name],
                                          cross.get(name))
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name)
-                replaced.append((parent, child, layers[name]))
-                setattr(parent, child, plans[name].module)
+            swap_modules(model, [(name, plans[name].module) for name in todo])
+            replaced += todo
     except BaseException:
-        for parent, child, original in reversed(replaced):
-            setattr(parent, child, original)
+        swap_modules(model, [(name, layers[name]) for name in reversed(replaced)])
         raise
     reason = "no rank below break-even is worth its parameters within the budget"
     return [plans.get(name, LinearPlan(name, None, None, None, reason)) for name in order]

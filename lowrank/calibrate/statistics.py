@@ -585,8 +585,9 @@ def collect_paired_statistics(
             else:
                 if name not in dense_rows or dense_rows[name].shape != rows.shape:
                     raise ValueError(f"layer {name!r} received inputs of different shapes in the two models")
-                gram, cross = sums.setdefault(name, [rows.new_zeros(rows.shape[1], rows.shape[1]),
-                                                     rows.new_zeros(rows.shape[1], rows.shape[1])])
+                if name not in sums:
+                    sums[name] = [rows.new_zeros(rows.shape[1], rows.shape[1]) for _ in range(2)]
+                gram, cross = sums[name]
                 gram.addmm_(rows.T, rows)
                 cross.addmm_(dense_rows.pop(name).T, rows)
             pending.discard(name)

@@ -5,7 +5,14 @@ rebuilt empty from its ``config()``, and turned back into a dense layer with
 ``to_dense()``.
 """
 
-from lowrank.nn.base import FactorizedModule, UnsupportedLayerError, conv_output_shape, dense_flops
+from lowrank.nn.base import (
+    FactorizedModule,
+    UnsupportedLayerError,
+    conv_output_shape,
+    dense_flops,
+    swap_modules,
+    weight_ratio,
+)
 from lowrank.nn.conv import (
     CPConv,
     SVDConv,
@@ -50,7 +57,9 @@ __all__ = [
     "linear_weight",
     "module_class",
     "svd_rank_for_ratio",
+    "swap_modules",
     "tensorize_weight",
     "tt_rank_for_ratio",
     "tucker2_ranks_for_ratio",
+    "weight_ratio",
 ]

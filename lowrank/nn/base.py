@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -94,3 +95,23 @@ class UnsupportedLayerError(ValueError):
     :func:`lowrank.compress` leaves such a layer dense and records the message
     as its skip reason; any other error aborts the compression.
     """
+
+
+def swap_modules(model: nn.Module, replacements: Sequence[tuple[str, nn.Module]]) -> None:
+    """Set each named submodule of ``model`` to its replacement, all or none."""
+    done = []
+    try:
+        for name, new in replacements:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            done.append((parent, child, getattr(parent, child)))
+            setattr(parent, child, new)
+    except Exception:
+        for parent, child, old in reversed(done):
+            setattr(parent, child, old)
+        raise
+
+
+def weight_ratio(ratio: float, weight_size: int, bias_size: int) -> float:
+    """The fraction of its own parameters a weight keeps when ``ratio`` covers weight and bias, the bias kept whole."""
+    return (ratio * (weight_size + bias_size) - bias_size) / weight_size
