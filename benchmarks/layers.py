@@ -2,8 +2,9 @@
 
 Each case builds a dense ``nn.Conv2d`` (3x3, padding 1, 32x32 maps), our
 ``Tucker2Conv`` at 4x fewer multiply-accumulates (ranks from
-``tucker2_ranks_for_ratio(conv, 0.25)``: for a stride-1 "same" convolution the
-parameter and FLOP ratios coincide) and tensorly-torch's
+``Tucker2Conv.rank_for_budget`` with a quarter of the weight's parameters for
+the factors, plus the bias: for a stride-1 "same" convolution the parameter and
+FLOP ratios coincide) and tensorly-torch's
 ``FactorizedConv(factorization='tucker', implementation='factorized')`` with
 Tucker ranks ``(r_out, r_in, 3, 3)``, which holds the same channel factors and
 core as ours plus two 3x3 spatial factors. All are timed under
@@ -41,8 +42,8 @@ import torch.nn.functional as F  # noqa: N812
 from _timing import alternate, record
 from torch import nn
 
-from lowrank.nn.base import dense_flops
-from lowrank.nn.conv import Tucker2Conv, tucker2_ranks_for_ratio
+from lowrank.nn.conv import Tucker2Conv
+from lowrank.nn.dense import dense_flops
 
 # (channels, batch): 32x32 maps, 3x3 kernels, padding 1.
 CASES = [(64, 32), (256, 8)]
@@ -124,7 +125,8 @@ def run_case(channels: int, batch: int, repeats: int) -> tuple[str, str]:
     torch.manual_seed(0)
     conv = nn.Conv2d(channels, channels, 3, padding=1)
     x = torch.randn(batch, channels, 32, 32)
-    ranks = tucker2_ranks_for_ratio(conv, 0.25)
+    # The factors get a quarter of the weight's parameters; the bias is kept as it is.
+    ranks = Tucker2Conv.rank_for_budget(conv, conv.weight.numel() // 4 + conv.bias.numel())
     ours = Tucker2Conv.from_dense(conv, ranks)
     theirs = tltorch.FactorizedConv.from_conv(
         conv, rank=(*ranks, 3, 3), implementation="factorized", factorization="tucker"

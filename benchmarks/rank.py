@@ -42,8 +42,8 @@ import torch
 from _timing import record
 
 import lowrank
-from lowrank.compress import swap_modules
 from lowrank.nn import Tucker2Conv
+from lowrank.nn.surgery import swap_modules
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import digits_cnn  # noqa: E402

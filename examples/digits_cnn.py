@@ -15,7 +15,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import lowrank
-from lowrank.nn import dense_flops
+from lowrank.nn.dense import dense_flops
 
 
 def digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 import lowrank
+from lowrank.data_aware import ALLOCATIONS
+from lowrank.nn.dense import KINDS
 
 
 def _load_tensor(path: Path, key: str | None) -> torch.Tensor:
@@ -77,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--targets", nargs="+", metavar="GLOB", help="only layers whose names match these globs")
     com.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="never layers matching these globs")
     com.add_argument(
-        "--kinds", nargs="+", default=["linear", "conv"], choices=["linear", "conv", "pointwise", "embedding"],
-        help="layer kinds to compress (default: linear conv)",
+        "--kinds", nargs="+", default=list(lowrank.Targets().kinds), choices=KINDS,
+        help=f"layer kinds to compress (default: {' '.join(lowrank.Targets().kinds)})",
     )
     com.add_argument(
         "--calibration", type=Path, metavar="FILE.txt",
@@ -86,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "data-aware (whitened, budget allocated across layers, calibrated in sequence)",
     )
     com.add_argument(
-        "--allocation", choices=["uniform", "energy", "fisher"],
+        "--allocation", choices=ALLOCATIONS,
         help="how --ratio is spent across layers with --calibration (default fisher)",
     )
     com.add_argument("--no-whiten", dest="whiten", action="store_false",
@@ -95,9 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --calibration: scale input channels by their mean activation (ASVD), not whiten")
     com.add_argument("--no-refit", dest="refit", action="store_false",
                      help="with --calibration: do not refit the second factors to the dense outputs")
-    com.add_argument("--heal-steps", type=int, default=0, metavar="N",
+    heal = lowrank.HealConfig()
+    com.add_argument("--heal-steps", type=int, default=heal.steps, metavar="N",
                      help="with --calibration: N steps of distillation towards the dense model after compressing")
     com.add_argument("--heal-seconds", type=float, metavar="S", help="with --calibration: at most S seconds of healing")
+    com.add_argument("--heal-lr", type=float, default=heal.lr, metavar="LR",
+                     help=f"with --calibration: the learning rate of healing (default {heal.lr:g})")
     com.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     com.add_argument("--quiet", action="store_true", help="no progress bar and no report table")
 
@@ -137,21 +142,31 @@ def _calibration_texts(path: Path) -> list[str]:
     return texts
 
 
+def _configs(args: argparse.Namespace) -> tuple[lowrank.Targets, lowrank.CalibrationConfig | None, lowrank.HealConfig]:
+    """The configs of ``lowrank compress``, checked before the model is loaded."""
+    targets = lowrank.Targets(include=args.targets, exclude=args.exclude, kinds=args.kinds)
+    heal = lowrank.HealConfig(steps=args.heal_steps, seconds=args.heal_seconds, lr=args.heal_lr)
+    if args.calibration is None:
+        return targets, None, heal
+    from transformers import AutoTokenizer
+
+    calibration = lowrank.CalibrationConfig(
+        _calibration_texts(args.calibration), tokenizer=AutoTokenizer.from_pretrained(args.source),
+        allocation=args.allocation, whiten=args.whiten, refit=args.refit,
+    )
+    return targets, calibration, heal
+
+
 def _compress(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.overwrite:
         raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it")
-    calibration = tokenizer = None
-    if args.calibration is not None:
-        from transformers import AutoTokenizer
-
-        calibration = _calibration_texts(args.calibration)
-        tokenizer = AutoTokenizer.from_pretrained(args.source)
+    if not args.source.is_dir():
+        raise FileNotFoundError(f"{args.source} is not a checkpoint directory")
+    targets, calibration, heal = _configs(args)
     model = lowrank.io.load_pretrained(args.source)
     report = lowrank.compress(
-        model, args.ratio, rank=args.rank, energy=args.energy, method=_parse_method(args.method),
-        include=args.targets, exclude=args.exclude, kinds=args.kinds, progress=not args.quiet,
-        calibration=calibration, tokenizer=tokenizer, allocation=args.allocation, whiten=args.whiten, refit=args.refit,
-        heal_steps=args.heal_steps, heal_seconds=args.heal_seconds,
+        model, args.ratio, rank=args.rank, energy=args.energy, method=_parse_method(args.method), targets=targets,
+        calibration=calibration, heal=heal, progress=not args.quiet,
     )
     lowrank.save(model, args.output, report=report, overwrite=args.overwrite)
     if not args.quiet:

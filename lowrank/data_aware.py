@@ -20,9 +20,11 @@ given. The steps, each documented where it is done:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,6 +34,7 @@ from lowrank.calibrate import (
     Calibration,
     CalibrationBatch,
     asvd_low_rank,
+    calibration_batches,
     collect_input_statistics,
     collect_output_fisher,
     collect_paired_statistics,
@@ -41,17 +44,154 @@ from lowrank.calibrate import (
     run_calibration,
     whitened_low_rank,
 )
-from lowrank.nn import (
-    LowRankLinear,
-    is_hf_conv1d,
-    linear_rank_for_ratio,
-    linear_weight,
-    swap_modules,
-    weight_ratio,
-)
-from lowrank.rank import LayerBudget, RankPolicy, allocate_ranks
+from lowrank.checks import check_choice, check_int
+from lowrank.nn import METHODS, LowRankLinear
+from lowrank.nn.dense import bias_size, linear_type, linear_weight
+from lowrank.nn.surgery import swap_modules
+from lowrank.rank import LayerBudget, ParamFraction, RankPolicy, allocate_ranks
+from lowrank.rank.budget import fraction_budget
 
 ALLOCATIONS = ("uniform", "energy", "fisher", "sensitivity")
+# The method of every layer data-aware compression factorizes: a low-rank SVD.
+LOW_RANK = METHODS["linear"]["svd"]
+
+
+@dataclass(frozen=True, eq=False)
+class CalibrationConfig:
+    """Calibration data and how data-aware compression uses it.
+
+    The data is turned into batches once, when the config is made (texts are
+    tokenised then), and every setting is checked then.
+
+    Attributes
+    ----------
+    data : list of CalibrationBatch, or callable
+        The calibration inputs, given as texts (tokenised with ``tokenizer``),
+        a ``DataLoader`` or any iterable of batches (see
+        :func:`lowrank.calibrate.calibration_batches`), or a callable
+        ``data(model)`` that runs the model itself (which supports neither
+        the ``"fisher"`` and ``"sensitivity"`` allocations, nor refitting,
+        nor healing). Held as the list of batches afterwards.
+    tokenizer : callable, optional
+        The checkpoint's tokenizer, for texts (an init-only argument).
+    allocation : {"uniform", "energy", "fisher", "sensitivity"}, optional
+        How a ``ratio`` is spent across layers (see :func:`compress_linears`);
+        None: ``"fisher"`` with a ratio, each layer on its own with a rank policy.
+    whiten : {True, False, "asvd"}
+        Truncate the whitened weight (True), the weight with its input
+        channels scaled by their mean activation (``"asvd"``, cheaper), or the
+        weight itself (False).
+    sequential : bool
+        Calibrate each layer on the inputs it receives from the layers
+        compressed before it (else on the dense model's).
+    refit : bool
+        With ``sequential`` and whitening, refit each second factor in closed
+        form so the layer, fed by the compressed layers before it, reproduces
+        the dense layer's outputs (keeps a dense copy of the model during the
+        call); batches only.
+    n_probes : int
+        Output probes per batch for the ``"fisher"`` allocation's default loss.
+    loss_fn : callable, optional
+        ``loss_fn(model, batch) -> scalar tensor``: a task loss for the
+        ``"fisher"`` allocation (instead of the distance to the dense model's
+        outputs) and for ``"sensitivity"`` (required there).
+    batch_size : int
+        Texts per batch (texts only).
+    max_length : int, optional
+        Longest tokenised text, in tokens (texts only).
+
+    Examples
+    --------
+    >>> import torch
+    >>> config = CalibrationConfig([torch.randn(8, 16) for _ in range(3)], allocation="energy")
+    >>> len(config.data), config.to_dict()["allocation"]
+    (3, 'energy')
+
+    """
+
+    data: Any
+    tokenizer: InitVar[Any] = None
+    allocation: str | None = None
+    whiten: bool | str = True
+    sequential: bool = True
+    refit: bool = True
+    n_probes: int = 1
+    loss_fn: Callable[[nn.Module, CalibrationBatch], torch.Tensor] | None = None
+    batch_size: int = 16
+    max_length: int | None = 128
+
+    def __post_init__(self, tokenizer: Any) -> None:
+        if self.allocation is not None:
+            check_choice(self.allocation, ALLOCATIONS, "CalibrationConfig.allocation")
+        if not (isinstance(self.whiten, bool) or self.whiten == "asvd"):
+            raise ValueError(f"CalibrationConfig.whiten must be True, False or 'asvd', got {self.whiten!r}")
+        for name in ("sequential", "refit"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"CalibrationConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        check_int(self.n_probes, "CalibrationConfig.n_probes")
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise ValueError(f"CalibrationConfig.loss_fn must be a callable (model, batch) -> loss, "
+                             f"got {self.loss_fn!r}")
+        if self.loss_fn is not None and self.n_probes != 1:
+            raise ValueError("CalibrationConfig.n_probes applies to the default probe loss only; "
+                             f"got n_probes={self.n_probes} with loss_fn")
+        if self.allocation == "sensitivity" and self.loss_fn is None:
+            raise ValueError("allocation='sensitivity' needs loss_fn=: the distance to the dense model has no "
+                             "first-order change at the dense model")
+        if self.runs_itself:
+            return
+        check_int(self.batch_size, "CalibrationConfig.batch_size")
+        batches = calibration_batches(self.data, tokenizer=tokenizer, batch_size=self.batch_size,
+                                      max_length=self.max_length)
+        object.__setattr__(self, "data", batches)
+
+    @property
+    def runs_itself(self) -> bool:
+        """Whether the data is a callable that runs the model itself (no batches)."""
+        return callable(self.data) and not isinstance(self.data, (Sequence, nn.Module))
+
+    @property
+    def refits(self) -> bool:
+        """Whether second factors are refitted: asked, sequential, whitened, and on batches."""
+        return self.refit and self.sequential and self.whiten is True and not self.runs_itself
+
+    def allocation_for(self, budget: bool) -> str:
+        """The allocation that runs: the one asked for, else ``"fisher"`` for a budget and ``"uniform"`` for a policy.
+
+        Raises
+        ------
+        ValueError
+            If an allocation that spends a budget is asked for without one, or
+            one that backpropagates through batches for a callable calibration.
+
+        """
+        allocation = self.allocation or ("fisher" if budget else "uniform")
+        if not budget and allocation != "uniform":
+            raise ValueError(f"allocation={allocation!r} spends a budget: give ratio=, or allocation='uniform'")
+        if self.runs_itself and allocation in ("fisher", "sensitivity"):
+            raise ValueError(f"a callable calibration runs the model itself: it does not support allocation="
+                             f"{allocation!r} (the default with a ratio); give texts or batches, or another allocation")
+        return allocation
+
+    def to(self, device: torch.device | str | None) -> CalibrationConfig:
+        """The config with its batches moved to ``device``."""
+        if self.runs_itself or device is None:
+            return self
+        return dataclasses.replace(self, data=[batch.to(device) for batch in self.data])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-able data (the data as its number of batches, a loss by its name)."""
+        return {
+            "batches": "callable" if self.runs_itself else len(self.data),
+            "allocation": self.allocation,
+            "whiten": self.whiten,
+            "sequential": self.sequential,
+            "refit": self.refit,
+            "n_probes": self.n_probes,
+            "loss_fn": None if self.loss_fn is None else getattr(self.loss_fn, "__name__", "callable"),
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+        }
 
 
 @dataclass(frozen=True)
@@ -139,7 +279,6 @@ def choose_ranks(
     ratio: float | None,
     policy: RankPolicy | None,
     allocation: str,
-    normalize: bool,
 ) -> dict[str, int | None]:
     """Each layer's rank (None: dense) from its whitened spectrum.
 
@@ -152,61 +291,46 @@ def choose_ranks(
     ratio : float, optional
         Fraction of the layers' parameters (weights and biases) to keep.
     policy : RankPolicy, optional
-        Instead of ``ratio``: the rank rule applied to each spectrum.
-    allocation : {"uniform", "energy", "fisher"}
+        Instead of ``ratio``: the rank rule applied to each layer (a
+        :class:`~lowrank.rank.ParamFraction` as a budget, any other to the
+        layer's whitened spectrum; see :meth:`lowrank.nn.Method.choose_rank`).
+    allocation : {"uniform", "energy", "fisher", "sensitivity"}
         ``"uniform"`` gives every layer the largest rank within ``ratio`` of its
         own parameters; the others spend ``ratio`` of all the layers' parameters
         at once, dropping the components of least score per parameter
-        (:func:`lowrank.rank.allocate_ranks`); ``spectra`` then holds the scores'
-        square roots for ``"sensitivity"``.
-    normalize : bool
-        Score a component by its squared singular value relative to the
-        layer's total (``"energy"``: every layer's relative output error counts
-        alike), or by the squared singular value itself (``"fisher"``: already
-        in units of the loss).
+        (:func:`lowrank.rank.allocate_ranks`). A component's score is its
+        squared singular value, relative to the layer's total for
+        ``"energy"`` (every layer's relative output error counts alike), as it
+        is for ``"fisher"`` (already in units of the loss) and
+        ``"sensitivity"`` (``spectra`` then holds the scores' square roots).
 
     """
-    ranks: dict[str, int | None] = {}
-    if policy is not None:
-        for name, layer in layers.items():
-            rank = policy.choose(spectra[name], tuple(linear_weight(layer).shape))
-            ranks[name] = rank if 1 <= rank <= break_even_rank(layer) else None
-        return ranks
-    if allocation == "uniform":
-        for name, layer in layers.items():
-            weight = linear_weight(layer)
-            bias = 0 if layer.bias is None else layer.bias.numel()
-            share = weight_ratio(ratio, weight.numel(), bias)
-            rank = linear_rank_for_ratio(*weight.shape, share) if share > 0 else 0
-            ranks[name] = rank if 1 <= rank <= break_even_rank(layer) else None
-        return ranks
+    if policy is not None or allocation == "uniform":
+        rule = ParamFraction(ratio) if policy is None else policy
+        ranks = {name: LOW_RANK.choose_rank(layer, rule, spectra=[spectra[name]]) for name, layer in layers.items()}
+        return {name: rank if rank is not None and rank <= break_even_rank(layers[name]) else None
+                for name, rank in ranks.items()}
     budgets = []
     for name, layer in layers.items():
         out_features, in_features = linear_weight(layer).shape
-        bias = 0 if layer.bias is None else layer.bias.numel()
+        bias = bias_size(layer)
         scores = spectra[name].double() ** 2
-        if normalize:
+        if allocation == "energy":
             scores = scores / scores.sum().clamp_min(torch.finfo(torch.float64).tiny)
         budgets.append(LayerBudget(scores, out_features + in_features, bias, out_features * in_features + bias,
                                    min(break_even_rank(layer), scores.numel())))
     total = sum(b.dense_params for b in budgets)
-    chosen = allocate_ranks(budgets, math.floor(ratio * total))
+    chosen = allocate_ranks(budgets, fraction_budget(ratio, total))
     return dict(zip(layers, chosen))
 
 
 def compress_linears(
     model: nn.Module,
     layers: dict[str, nn.Module],
-    calibration: Calibration,
+    config: CalibrationConfig,
     *,
     ratio: float | None = None,
     policy: RankPolicy | None = None,
-    allocation: str = "fisher",
-    whiten: bool | str = True,
-    sequential: bool = True,
-    refit: bool = True,
-    n_probes: int = 1,
-    loss_fn: Callable[[nn.Module, CalibrationBatch], torch.Tensor] | None = None,
     progress: bool = False,
 ) -> list[LinearPlan]:
     """Factorize linear layers of ``model`` on calibration data, replacing them in ``model`` as it goes.
@@ -222,45 +346,34 @@ def compress_linears(
         The model, modified in place.
     layers : dict of str to nn.Module
         The ``nn.Linear`` / Hugging Face ``Conv1D`` layers to compress, by name.
-    calibration : sequence of CalibrationBatch, or callable
-        The calibration set (see :func:`lowrank.calibrate.calibration_batches`).
-    ratio : float, optional
-        Fraction of the layers' parameters to keep (see :func:`choose_ranks`).
-    policy : RankPolicy, optional
-        A rank rule applied to each layer's whitened spectrum, instead of ``ratio``.
-    allocation : {"uniform", "energy", "fisher", "sensitivity"}
-        How ``ratio`` is spent (see :func:`choose_ranks`). ``"fisher"`` weights
-        each layer's outputs by the Fisher of the model's output
+    config : CalibrationConfig
+        The calibration batches (on the model's device) and settings. Its
+        ``allocation`` says how ``ratio`` is spent (see :func:`choose_ranks`);
+        ``"fisher"`` (the default with a ratio) weights each layer's outputs by
+        the Fisher of the model's output
         (:func:`lowrank.calibrate.collect_output_fisher`, ``n_probes`` probes
         per batch; or of ``loss_fn``), so that a component's score estimates
         the increase of the distance to the dense model's outputs (or of the
         loss) when it is dropped; layers the loss does not depend on (a
         pooler, when the probed output is the last hidden state) keep
-        ``ratio`` of their own parameters, outside the shared budget. ``"sensitivity"`` scores each whitened
-        component by the first-order change of ``loss_fn`` when it is dropped
-        (:func:`first_order_scores`); the default loss has no first-order
-        change at the dense model, so this needs ``loss_fn``.
-    whiten : bool or "asvd"
-        Truncate the whitened weight ``W S`` (``S S^T`` the input Gram matrix),
-        which minimises the error of the layer's outputs on the calibration
-        inputs; ``"asvd"`` scales the input channels by their mean absolute
-        activation instead (ASVD, cheaper: no Cholesky factor, no refit);
-        False truncates the weight itself (plain SVD).
-    sequential : bool
-        Whiten each group with the inputs it receives from the already
-        compressed model (else from the dense one).
-    refit : bool
-        With ``sequential``: refit each second factor in closed form
+        ``ratio`` of their own parameters, outside the shared budget.
+        ``"sensitivity"`` scores each whitened component by the first-order
+        change of ``loss_fn`` when it is dropped (:func:`first_order_scores`).
+        ``whiten`` truncates the whitened weight ``W S`` (``S S^T`` the input
+        Gram matrix), which minimises the error of the layer's outputs on the
+        calibration inputs; ``"asvd"`` scales the input channels by their mean
+        absolute activation instead (ASVD, cheaper: no Cholesky factor, no
+        refit); False truncates the weight itself (plain SVD). ``refit``
+        refits each second factor in closed form
         (:func:`lowrank.calibrate.refit_second`) so that the layer, on the
         inputs it receives in the compressed model, best reproduces the dense
         layer's outputs on the dense model's inputs (the upstream error is
-        corrected, not only left uncompounded). Keeps a dense copy of the
-        model during the call.
-    n_probes : int
-        Output probes per batch for the Fisher.
-    loss_fn : callable, optional
-        ``loss_fn(model, batch) -> scalar tensor``, a user loss for ``"fisher"``
-        (its empirical Fisher) and ``"sensitivity"``.
+        corrected, not only left uncompounded).
+    ratio : float, optional
+        Fraction of the layers' parameters to keep.
+    policy : RankPolicy, optional
+        A rank rule applied to each layer (to its whitened spectrum), instead
+        of ``ratio``; each layer on its own, so no allocation but ``"uniform"``.
     progress : bool
         Show progress bars.
 
@@ -270,32 +383,30 @@ def compress_linears(
         One per layer, in forward order.
 
     """
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
-    if allocation == "sensitivity" and loss_fn is None:
-        raise ValueError("allocation='sensitivity' needs loss_fn=: the default loss has no first-order change")
+    if (ratio is None) == (policy is None):
+        raise ValueError("give one of ratio= and policy=")
+    allocation = config.allocation_for(budget=ratio is not None)
+    calibration = config.data
     calls = forward_calls(model, layers, calibration)
     order = list(calls)
     layers = {name: layers[name] for name in order}
-    if whiten not in (True, False, "asvd"):
-        raise ValueError(f"whiten must be True, False or 'asvd', got {whiten!r}")
     inputs = collect_input_statistics(model, layers, calibration, progress=progress)
     stats = {name: s.gram for name, s in inputs.items()}
     abs_means = {name: s.abs_mean for name, s in inputs.items()}
     fisher = gradients = None
     if allocation == "fisher":
-        fisher = collect_output_fisher(model, layers, calibration, loss_fn=loss_fn, skip_unreached=True,
-                                       n_probes=1 if loss_fn is not None else n_probes, progress=progress)
+        fisher = collect_output_fisher(model, layers, calibration, loss_fn=config.loss_fn, skip_unreached=True,
+                                       n_probes=config.n_probes, progress=progress)
     if allocation == "sensitivity":
-        gradients = collect_weight_gradients(model, layers, calibration, loss_fn, progress=progress)
+        gradients = collect_weight_gradients(model, layers, calibration, config.loss_fn, progress=progress)
     spectra = {}
     for name, layer in layers.items():
         weight = _weight64(layer)
         if gradients is not None:
             spectra[name] = first_order_scores(weight, stats[name], gradients[name]).sqrt()
-        elif whiten == "asvd":
+        elif config.whiten == "asvd":
             spectra[name] = asvd_low_rank(weight, abs_means[name], 1)[2]
-        elif whiten:
+        elif config.whiten:
             spectra[name] = whitened_low_rank(
                 weight, stats[name], 1, output_gram=None if fisher is None else fisher.get(name)
             )[2]
@@ -304,24 +415,20 @@ def compress_linears(
     # layers the loss does not see (a pooler under the default probe) keep ``ratio`` of their own parameters
     unreached = {name: layer for name, layer in layers.items() if fisher is not None and name not in fisher}
     reached = {name: layer for name, layer in layers.items() if name not in unreached}
-    ranks = choose_ranks(reached, spectra, ratio=ratio, policy=policy, allocation=allocation,
-                         normalize=allocation == "energy")
-    ranks.update(choose_ranks(unreached, spectra, ratio=ratio, policy=policy, allocation="uniform", normalize=False))
+    ranks = choose_ranks(reached, spectra, ratio=ratio, policy=policy, allocation=allocation)
+    ranks.update(choose_ranks(unreached, spectra, ratio=ratio, policy=policy, allocation="uniform"))
     plans: dict[str, LinearPlan] = {}
     replaced: list[str] = []
     # a forward pass may stop once a group has its inputs, unless some layer runs twice in one pass
     early = isinstance(calibration, Sequence) and all(count == 1 for count in calls.values())
-    refit = refit and sequential and whiten is True
-    if refit and not isinstance(calibration, Sequence):
-        raise TypeError("refit needs a sequence of CalibrationBatch, not a calibration callable")
-    reference = copy.deepcopy(model) if refit else None
+    reference = copy.deepcopy(model) if config.refits else None
     cross: dict[str, torch.Tensor] = {}
     try:
         for group in tqdm(layer_groups(order), desc="lowrank.compress (calibrated)", unit="group",
                           disable=not progress):
             todo = [name for name in group if ranks[name] is not None]
-            if sequential and whiten and todo and replaced:
-                if refit:
+            if config.sequential and config.whiten and todo and replaced:
+                if reference is not None:
                     for name, (gram, moment) in collect_paired_statistics(
                         model, reference, todo, calibration, stop_early=early
                     ).items():
@@ -331,8 +438,8 @@ def compress_linears(
                     for name, s in collect_input_statistics(model, watched, calibration, stop_early=early).items():
                         stats[name], abs_means[name] = s.gram, s.abs_mean
             for name in todo:
-                plans[name] = _factorize(name, layers[name], ranks[name], whiten, stats[name], abs_means[name],
-                                         cross.get(name))
+                plans[name] = _plan_layer(name, layers[name], ranks[name], config.whiten, stats[name],
+                                          abs_means[name], cross.get(name))
             swap_modules(model, [(name, plans[name].module) for name in todo])
             replaced += todo
     except BaseException:
@@ -342,7 +449,7 @@ def compress_linears(
     return [plans.get(name, LinearPlan(name, None, None, None, reason)) for name in order]
 
 
-def _factorize(
+def _plan_layer(
     name: str, layer: nn.Module, rank: int, whiten: bool | str, gram: torch.Tensor, abs_mean: torch.Tensor,
     cross: torch.Tensor | None = None,
 ) -> LinearPlan:
@@ -360,10 +467,9 @@ def _factorize(
         if cross is not None:
             second = refit_second(weight, first, gram, cross)
         bias = None if layer.bias is None else layer.bias.detach()
-        dense_type = "Conv1D" if is_hf_conv1d(layer) else "Linear"
-        module = LowRankLinear.from_factors(first, second, bias, dense_type, dtype=layer.weight.dtype)
+        module = LowRankLinear.from_factors(first, second, bias, linear_type(layer), dtype=layer.weight.dtype)
     else:
-        module = LowRankLinear.from_dense(layer, rank)
+        module = LOW_RANK.from_dense(layer, rank)
     module.train(layer.training)
     error = relative_output_error(weight, module.weight.detach().double(), gram)
     return LinearPlan(name, rank, module, error, None)

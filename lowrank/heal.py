@@ -4,14 +4,58 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from lowrank.calibrate import CalibrationBatch, eval_mode, model_output_tensor
+from lowrank.checks import check_int, check_positive
 from lowrank.nn import FactorizedModule
+from lowrank.nn.surgery import train_only
+
+
+@dataclass(frozen=True)
+class HealConfig:
+    """How long, and how fast, :func:`heal` trains the factors after compression.
+
+    Attributes
+    ----------
+    steps : int
+        Most Adam steps (0: no bound on steps).
+    seconds : float, optional
+        Most seconds. Healing runs when either bound is set; with both, it
+        stops at the first reached.
+    lr : float
+        Adam's learning rate.
+
+    Examples
+    --------
+    >>> HealConfig(steps=100).enabled, HealConfig().enabled
+    (True, False)
+
+    """
+
+    steps: int = 0
+    seconds: float | None = None
+    lr: float = 1e-4
+
+    def __post_init__(self) -> None:
+        check_int(self.steps, "HealConfig.steps", minimum=0)
+        if self.seconds is not None:
+            check_positive(self.seconds, "HealConfig.seconds")
+        check_positive(self.lr, "HealConfig.lr")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any healing is asked for."""
+        return self.steps > 0 or self.seconds is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-able data."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -42,10 +86,8 @@ def heal(
     model: nn.Module,
     batches: Sequence[CalibrationBatch],
     targets: Sequence[torch.Tensor],
+    config: HealConfig,
     *,
-    steps: int | None = None,
-    seconds: float | None = None,
-    lr: float = 1e-4,
     progress: bool = False,
 ) -> HealReport:
     """Train the factors of ``model``'s factorized modules towards ``targets``; all else (biases too) is frozen.
@@ -64,12 +106,8 @@ def heal(
         The calibration inputs.
     targets : sequence of torch.Tensor
         The dense model's output tensor on each batch (:func:`reference_outputs`).
-    steps : int, optional
-        Most optimisation steps.
-    seconds : float, optional
-        Most seconds; at least one of ``steps`` and ``seconds`` is required.
-    lr : float
-        Adam's learning rate.
+    config : HealConfig
+        Most steps and seconds (at least one of them), and the learning rate.
     progress : bool
         Show a progress bar.
 
@@ -79,12 +117,8 @@ def heal(
         Steps, seconds, and the loss over all batches before and after.
 
     """
-    if steps is None and seconds is None:
+    if not config.enabled:
         raise ValueError("heal needs a bound: give steps= or seconds= (or both)")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    if seconds is not None and not seconds > 0:
-        raise ValueError(f"seconds must be a positive number, got {seconds!r}")
     if len(batches) != len(targets) or not batches:
         raise ValueError(f"need one target per batch and at least one batch; got {len(batches)} and {len(targets)}")
     factors = [
@@ -93,33 +127,24 @@ def heal(
     ]
     if not factors:
         raise ValueError("the model has no factorized module to heal")
-    trainable = {id(p) for p in factors}
-    saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     start = time.perf_counter()
     taken = 0
-    try:
-        for p, _, _ in saved:
-            p.requires_grad_(id(p) in trainable)
-            p.grad = None
-        with eval_mode(model):
-            before = _mean_loss(model, batches, targets)
-            optimizer = torch.optim.Adam(factors, lr=lr)
-            bar = tqdm(total=steps, desc="lowrank.heal", unit="step", disable=not progress)
-            while (steps is None or taken < steps) and (seconds is None or time.perf_counter() - start < seconds):
-                batch = batches[taken % len(batches)]
-                loss = _distance(model_output_tensor(batch.run(model)), targets[taken % len(batches)],
-                                 batch.token_mask)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                taken += 1
-                bar.update()
-            bar.close()
-            after = _mean_loss(model, batches, targets)
-    finally:
-        for p, flag, grad in saved:
-            p.requires_grad_(flag)
-            p.grad = grad
+    with train_only(model, factors), eval_mode(model):
+        before = _mean_loss(model, batches, targets)
+        optimizer = torch.optim.Adam(factors, lr=config.lr)
+        bar = tqdm(total=config.steps or None, desc="lowrank.heal", unit="step", disable=not progress)
+        while (not config.steps or taken < config.steps) and (
+            config.seconds is None or time.perf_counter() - start < config.seconds
+        ):
+            batch = batches[taken % len(batches)]
+            loss = _distance(model_output_tensor(batch.run(model)), targets[taken % len(batches)], batch.token_mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            taken += 1
+            bar.update()
+        bar.close()
+        after = _mean_loss(model, batches, targets)
     return HealReport(taken, time.perf_counter() - start, before, after)
 
 

@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from lowrank import __version__
-from lowrank.compress import CompressionReport, swap_modules
 from lowrank.nn import FactorizedModule, module_class
+from lowrank.nn.surgery import swap_modules
+from lowrank.report import CompressionReport
 
 WEIGHTS_NAME = "model.safetensors"
 PLAN_NAME = "lowrank.json"

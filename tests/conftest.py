@@ -18,12 +18,17 @@ from hypothesis import settings
 
 F64 = torch.float64
 
-# No example database on disk, no deadline (linear algebra timings vary with load), and a fixed
-# example sequence so that the suite is reproducible; the example counts are set per test.
-settings.register_profile("lowrank", database=None, deadline=None, derandomize=True)
-# LOWRANK_HYPOTHESIS_PROFILE=explore: fresh random examples on every run, to search for counterexamples.
+# Hypothesis profiles. Both keep no example database on disk and have no deadline (linear algebra
+# timings vary with load); the example counts are set per test.
+# - "ci": a fixed, derandomized example sequence, so that a CI run is reproducible. Loaded when the
+#   environment variable CI is "true" (as CI services set it; "1" and "yes" count too).
+# - "explore": fresh random examples on every run, to search for counterexamples. Loaded otherwise,
+#   i.e. for local runs; a failure prints the example to pin with @example.
+# LOWRANK_HYPOTHESIS_PROFILE=ci|explore overrides the choice, e.g. to reproduce CI's run locally.
+settings.register_profile("ci", database=None, deadline=None, derandomize=True)
 settings.register_profile("explore", database=None, deadline=None, derandomize=False)
-settings.load_profile(os.environ.get("LOWRANK_HYPOTHESIS_PROFILE", "lowrank"))
+_ON_CI = os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+settings.load_profile(os.environ.get("LOWRANK_HYPOTHESIS_PROFILE") or ("ci" if _ON_CI else "explore"))
 
 
 def generator(seed: int) -> torch.Generator:

@@ -22,6 +22,8 @@ from lowrank.calibrate import (
     cholesky_factor,
     collect_input_statistics,
     collect_output_fisher,
+    collect_paired_statistics,
+    collect_weight_gradients,
     model_output_tensor,
     refit_second,
     relative_output_error,
@@ -182,7 +184,7 @@ def test_asvd_shapes_alpha_zero_and_outlier_channels():
     abs_mean[5] = 0.0
     first, second, _ = asvd_low_rank(w, abs_mean, 6)
     assert torch.isfinite(first).all() and torch.isfinite(second).all()
-    with pytest.raises(ValueError, match="rank must be an integer in"):
+    with pytest.raises(ValueError, match=r"rank \(an int in \[1, 16\]\) for a 16x24 weight must be at most 16, got 17"):
         asvd_low_rank(w, abs_mean, 17)
     with pytest.raises(ValueError, match="abs_mean must be shape"):
         asvd_low_rank(w, abs_mean[:5], 4)
@@ -222,8 +224,10 @@ def test_relative_output_error_and_argument_checks():
         whitened_low_rank(w, torch.eye(6, dtype=F64), 2)
     with pytest.raises(ValueError, match=r"output_gram must be shape \(6, 6\)"):
         whitened_low_rank(w, torch.eye(9, dtype=F64), 2, output_gram=torch.eye(9, dtype=F64))
-    with pytest.raises(ValueError, match=r"rank must be an integer in \[1, 6\]"):
+    with pytest.raises(ValueError, match=r"rank \(an int in \[1, 6\]\) for a 6x9 weight must be at least 1, got 0"):
         whitened_low_rank(w, torch.eye(9, dtype=F64), 0)
+    with pytest.raises(TypeError, match=r"rank \(an int in \[1, 6\]\) must be an int"):
+        whitened_low_rank(w, torch.eye(9, dtype=F64), 2.0)
 
 
 # ----------------------------------------------------------------------------- calibration data
@@ -550,8 +554,6 @@ def test_minilm_output_fisher_and_whitening(minilm):
 
 
 def test_weight_gradients_match_autograd_and_leave_the_model_as_it_was():
-    from lowrank.calibrate import collect_weight_gradients
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
     model[2].weight.grad = torch.ones_like(model[2].weight)  # a user's gradient, kept
@@ -587,3 +589,78 @@ def test_stopping_each_forward_early_gives_the_same_statistics():
         assert early[name].count == full[name].count == 12
     with pytest.raises(TypeError, match="stop_early needs a sequence of CalibrationBatch"):
         collect_input_statistics(model, layers, lambda m: None, stop_early=True)
+
+
+def parameter_state(model):
+    return [(p.requires_grad, None if p.grad is None else p.grad.clone()) for p in model.parameters()]
+
+
+def assert_same_state(before, after):
+    assert [flag for flag, _ in after] == [flag for flag, _ in before]
+    for (_, grad_before), (_, grad_after) in zip(before, after):
+        assert (grad_before is None) == (grad_after is None)
+        if grad_before is not None:
+            assert torch.equal(grad_before, grad_after)
+
+
+def failing_losses():
+    def raising(m, batch):
+        m(*batch.args).sum().backward()  # gradients are written before the failure
+        raise RuntimeError("user loss failed")
+
+    def not_scalar(m, batch):
+        return m(*batch.args)
+
+    return [(raising, RuntimeError, "user loss failed"), (not_scalar, ValueError, "loss_fn must return a scalar")]
+
+
+@pytest.mark.parametrize("collector", ["fisher", "gradients"])
+def test_a_failing_loss_leaves_every_flag_and_gradient_as_it_was(collector):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double().train()
+    model[0].bias.requires_grad_(False)
+    model[2].weight.grad = torch.full_like(model[2].weight, 3.0)  # a user's gradient
+    outside = nn.Linear(3, 3).double()  # a watched layer that is not part of the model
+    outside.weight.requires_grad_(False)
+    batches = calibration_batches([torch.randn(4, 5, dtype=F64) for _ in range(2)])
+    layers = {"0": model[0], "2": model[2], "outside": outside}
+    before, before_outside = parameter_state(model), parameter_state(outside)
+    for loss_fn, error, message in failing_losses():
+        with pytest.raises(error, match=message):
+            if collector == "fisher":
+                collect_output_fisher(model, layers, batches, loss_fn=loss_fn)
+            else:
+                collect_weight_gradients(model, layers, batches, loss_fn)
+        assert_same_state(before, parameter_state(model))
+        assert_same_state(before_outside, parameter_state(outside))
+        assert model.training and model[0].training
+        assert not model[0]._forward_hooks and not model[2]._forward_hooks and not outside._forward_hooks
+
+
+def test_paired_statistics_stopped_early_equal_the_full_ones():
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    model = copy.deepcopy(reference)
+    with torch.no_grad():
+        model[0].weight.add_(0.1 * torch.randn(7, 5, dtype=F64))  # the compressed path sees other inputs
+    x = torch.randn(2, 3, 5, dtype=F64)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    batches = [CalibrationBatch((x,), {}, mask), *calibration_batches([torch.randn(4, 5, dtype=F64)])]
+    seen = []
+    for network in (reference, model):
+        network[4].register_forward_pre_hook(lambda m, a: seen.append(1))
+    names = ["0", "2"]
+    early = collect_paired_statistics(model, reference, names, batches, stop_early=True)
+    assert not seen  # neither model ran its last layer
+    full = collect_paired_statistics(model, reference, names, batches)
+    assert len(seen) == 4
+    for name in names:
+        torch.testing.assert_close(early[name][0], full[name][0], rtol=0, atol=0)
+        torch.testing.assert_close(early[name][1], full[name][1], rtol=0, atol=0)
+    # By hand: the second layers' inputs in each model, padding rows left out.
+    rows = torch.cat([x[mask], batches[1].args[0]])
+    dense, compressed = torch.tanh(reference[0](rows)), torch.tanh(model[0](rows))
+    torch.testing.assert_close(full["2"][0], compressed.T @ compressed)
+    torch.testing.assert_close(full["2"][1], dense.T @ compressed)
+    with pytest.raises(TypeError, match="collect_paired_statistics needs a sequence of CalibrationBatch"):
+        collect_paired_statistics(model, reference, names, lambda m: None)

@@ -113,12 +113,49 @@ def test_optional_kinds_and_selection():
 
 
 def test_method_names_and_dicts():
+    from conftest import rel_err, singular_values, tail_errors, unfold
+
+    dense = tiny()
+    conv_weight = dense.conv.weight.detach()  # (32, 32, 3), bias 32: 3104 parameters, half of them 1552
+    # the linears (64x32 and 32x64, "auto" = svd) at half their parameters: r * 96 + bias <= 1056 gives rank 10,
+    # and a truncated SVD at rank 10 has the Eckart-Young error of the weight's spectrum
+    linear_errors = {name: float(tail_errors(singular_values(getattr(dense, name).weight.detach()))[10])
+                     for name in ("up", "down")}
+
     model = tiny()
-    lowrank.compress(model, ratio=0.5, method="cp", progress=False)
+    report = lowrank.compress(model, ratio=0.5, method="cp", progress=False)
+    rows = {row.name: row for row in report.layers}
     assert type(model.conv).__name__ == "CPConv" and isinstance(model.up, LowRankLinear)
+    assert rows["conv"].method == "cp" and rows["up"].method == rows["down"].method == "svd"
+    for name, error in linear_errors.items():
+        assert getattr(model, name).rank == rows[name].rank == 10
+        weight = getattr(model, name).weight.detach()
+        assert abs(rel_err(weight, getattr(dense, name).weight.detach()) - error) < 1e-10
+    # CP rank R costs R * (32 + 32 + 3) parameters plus the bias: (1552 - 32) // 67 = 22
+    cp = model.conv
+    assert cp.rank == rows["conv"].rank == 22 and rows["conv"].params_after == 22 * 67 + 32
+    x = torch.randn(2, 32, 9, dtype=F64, generator=generator(5))
+    with torch.no_grad():
+        torch.testing.assert_close(cp.to_dense()(x), cp(x), rtol=1e-10, atol=1e-10)
+    error = rel_err(cp.weight.detach(), conv_weight)
+    assert abs(rows["conv"].relative_error - error) < 1e-10
+    # a CP kernel of rank 22 has multilinear ranks of at most 22, so its error is at least the Eckart-Young error
+    # of each channel unfolding (32 x 96) at rank 22; and CP-ALS does better than the zero kernel
+    for mode in (0, 1):
+        assert error >= float(tail_errors(singular_values(unfold(conv_weight, mode)))[22]) - 1e-12
+    assert error < 1
+
     model = tiny()
-    lowrank.compress(model, ratio=0.5, method={"conv": "svd-channel"}, progress=False)
-    assert type(model.conv).__name__ == "SVDConv"
+    report = lowrank.compress(model, ratio=0.5, method={"conv": "svd-channel"}, progress=False)
+    rows = {row.name: row for row in report.layers}
+    assert type(model.conv).__name__ == "SVDConv" and model.conv.scheme == "channel"
+    assert rows["conv"].method == "svd-channel" and rows["up"].method == "svd"
+    # channel SVD of the (32, 32 * 3) kernel matrix: rank r costs r * (32 + 96) plus the bias, (1552 - 32) // 128 = 11,
+    # at the Eckart-Young error of that matrix
+    assert model.conv.rank == rows["conv"].rank == 11 and rows["conv"].params_after == 11 * 128 + 32
+    optimal = float(tail_errors(singular_values(conv_weight.reshape(32, -1)))[11])
+    assert abs(rel_err(model.conv.weight.detach(), conv_weight) - optimal) < 1e-10
+    assert abs(rows["conv"].relative_error - optimal) < 1e-10
     with pytest.raises(ValueError, match="'qr'"):
         lowrank.compress(tiny(), method="qr")
     with pytest.raises(ValueError, match="method for linear layers must be one of"):
@@ -164,14 +201,15 @@ def test_a_failing_layer_leaves_the_model_unchanged():
     [
         ({"ratio": 1.5}, "ratio must be a fraction in \\(0, 1\\), got 1.5"),
         ({"ratio": 0.5, "rank": 3}, "one rank policy"),
-        ({"rank": 0}, "rank must be an int >= 1 or a lowrank.rank.RankPolicy, got 0"),
+        ({"rank": 0}, "rank must be an int >= 1, got 0"),
         ({"energy": 0.0}, "energy must be a fraction in \\(0, 1\\], got 0.0"),
         ({"allocation": "fisher"}, "allocation need calibration data: give calibration="),
         ({"calibration": [torch.zeros(2, 5, dtype=torch.long)], "allocation": "best"}, "allocation must be one of"),
         ({"calibration": [torch.zeros(2, 5, dtype=torch.long)], "rank": 4, "allocation": "energy"},
          "allocation='energy' spends a budget: give ratio="),
         ({"calibration": lambda model: None, "heal_steps": 5}, "a callable calibration runs the model itself"),
-        ({"calibration": [torch.zeros(2, 5, dtype=torch.long)], "heal_steps": -1}, "heal_steps must be an int >= 0"),
+        ({"calibration": [torch.zeros(2, 5, dtype=torch.long)], "heal_steps": -1},
+         "HealConfig.steps must be an int >= 0"),
         ({"rank": lowrank.rank.VBMF(), "method": {"conv": "cp"}, "kinds": ("conv",)},
          "vbmf picks ranks from singular values, which method 'cp' has none of"),
     ],
@@ -184,10 +222,41 @@ def test_bad_arguments(kwargs, message):
 
 
 def test_half_precision_model():
+    from conftest import rel_err
+
+    dense = tiny()  # the float64 weights the bfloat16 model is rounded from
+    reference = tiny()
+    reference_report = lowrank.compress(reference, ratio=0.5, progress=False)
     model = tiny().to(torch.bfloat16)
-    lowrank.compress(model, ratio=0.5, progress=False)
+    report = lowrank.compress(model, ratio=0.5, progress=False)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    assert model(torch.randint(0, 50, (1, 4))).dtype == torch.bfloat16
+    idx = torch.randint(0, 50, (4, 9), generator=generator(3))
+    with torch.no_grad():
+        out = model(idx)
+        expected = reference(idx)
+    assert out.dtype == torch.bfloat16
+    # bfloat16 keeps 8 significant bits: each rounding moves a tensor by at most u = 2^-8 of its norm. The
+    # bfloat16 compression factorizes the weight rounded once (||W_bf16 - W|| <= u ||W||) and rounds the
+    # factors and their product (about u ||W|| each, the singular values being split evenly between the
+    # factors), and a relative error moves by no more than these perturbations: at most 3u, whether measured
+    # against the float64 weights or (in the report) against the bfloat16 ones
+    u = 2.0**-8
+    rows, reference_rows = {r.name: r for r in report.layers}, {r.name: r for r in reference_report.layers}
+    assert rows.keys() == reference_rows.keys()
+    replaced = [name for name, row in rows.items() if row.replaced]
+    assert replaced == [name for name, row in reference_rows.items() if row.replaced] == ["up", "down", "conv"]
+    for name in replaced:
+        row, reference_row = rows[name], reference_rows[name]
+        assert row.rank == reference_row.rank and row.params_after == reference_row.params_after
+        assert 0.1 < reference_row.relative_error < 1  # a real truncation, far larger than u
+        assert abs(row.relative_error - reference_row.relative_error) <= 3 * u
+        approx = model.get_submodule(name).dense_weight().detach()
+        recomputed = rel_err(approx, dense.get_submodule(name).weight.detach())
+        assert abs(recomputed - reference_row.relative_error) <= 3 * u
+    # the forward rounds the embedding, each layer's weights and output and each sum (about ten roundings of
+    # at most u each) and runs on weights within 3u of the float64 compressed ones: 8u bounds their sum,
+    # while the compression itself moves the output by about 0.2 (50u) from the dense model's
+    assert rel_err(out, expected) <= 8 * u
 
 
 def test_kinds_select_layer_types():

@@ -18,14 +18,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lowrank.nn.base import FactorizedModule, UnsupportedLayerError
-from lowrank.nn.conv import (
-    CPConv,
-    SVDConv,
-    Tucker2Conv,
-    cp_rank_for_ratio,
-    svd_rank_for_ratio,
-    tucker2_ranks_for_ratio,
-)
+from lowrank.nn.conv import CPConv, SVDConv, Tucker2Conv
+from lowrank.rank import VBMF, Energy, FixedRank, Threshold
 
 F64 = torch.float64
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -310,68 +304,205 @@ def test_svd_spatial_counts():
     assert module.flops((1, 4, 9, 12)) == 60 * 60 + 40 * 150
 
 
-def weight_params(module):
-    return module.num_params - (0 if module.bias is None else module.bias.numel())
+# ----------------------------------------------------------------------------- budgets
+
+
+def count_at(kind, conv, rank):
+    """Parameters of the ``kind`` module at ``rank`` for ``conv``'s shape, counted on an empty meta-device module."""
+    options = {"scheme": kind.removeprefix("svd-")} if kind.startswith("svd") else {}
+    cls = {"tucker2": Tucker2Conv, "cp": CPConv}.get(kind, SVDConv)
+    module = cls(conv.in_channels, conv.out_channels, list(conv.kernel_size), rank, groups=conv.groups,
+                 bias=conv.bias is not None, device="meta", **options)
+    return module.num_params
+
+
+def rank_for_budget(kind, conv, max_params):
+    if kind == "tucker2":
+        return Tucker2Conv.rank_for_budget(conv, max_params)
+    if kind == "cp":
+        return CPConv.rank_for_budget(conv, max_params)
+    return SVDConv.rank_for_budget(conv, max_params, scheme=kind.removeprefix("svd-"))
+
+
+def rank_matrices(kind, conv):
+    if kind == "tucker2":
+        return Tucker2Conv.rank_matrices(conv)
+    if kind == "cp":
+        return CPConv.rank_matrices(conv)
+    return SVDConv.rank_matrices(conv, scheme=kind.removeprefix("svd-"))
+
+
+def tucker2_step(step, out_group, in_group):
+    """The Tucker-2 ranks at ``step``: the larger side gets ``step``, the other its rounded share (at least 1)."""
+    larger = max(out_group, in_group)
+    return max(1, round(step * out_group / larger)), max(1, round(step * in_group / larger))
+
+
+@st.composite
+def budget_cases(draw):
+    """A convolution's shape (on the meta device), a kind and a budget from nothing to twice the dense size."""
+    kind = draw(st.sampled_from(KINDS))
+    dim = 2 if kind == "svd-spatial" else draw(st.integers(1, 3))
+    groups = 1 if kind == "svd-spatial" else draw(st.sampled_from([1, 2, 4]))
+    in_group = draw(st.integers(2 if kind == "tucker2" else 1, 12))
+    out_group = draw(st.integers(1, 12))
+    kernel = tuple(draw(st.integers(1, 4)) for _ in range(dim))
+    conv = CONV[dim](groups * in_group, groups * out_group, kernel, groups=groups, bias=draw(st.booleans()),
+                     device="meta")
+    dense = sum(p.numel() for p in conv.parameters())
+    return kind, conv, draw(st.integers(0, 2 * dense))
+
+
+@settings(max_examples=300)
+@given(budget_cases())
+def test_rank_for_budget_is_the_largest_fitting_rank(case):
+    kind, conv, max_params = case
+    rank = rank_for_budget(kind, conv, max_params)
+    bound = max_ranks(kind, conv)
+    if rank is None:
+        assert count_at(kind, conv, (1, 1) if kind == "tucker2" else 1) > max_params
+        return
+    assert count_at(kind, conv, rank) <= max_params
+    if kind != "tucker2":
+        assert isinstance(rank, int) and 1 <= rank <= bound
+        assert rank == bound or count_at(kind, conv, rank + 1) > max_params
+        return
+    (out_group, in_group), (r_out, r_in) = bound, rank
+    # In proportion to the channels: the larger side's rank is the step, the other its rounded share.
+    step = r_out if out_group >= in_group else r_in
+    assert rank == tucker2_step(step, out_group, in_group)
+    assert abs(r_out / out_group - r_in / in_group) <= 1 / min(out_group, in_group)
+    assert step == max(bound) or count_at(kind, conv, tucker2_step(step + 1, out_group, in_group)) > max_params
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fraction", [0.2, 0.4, 0.7])
+def test_from_dense_at_the_budget_rank_fits(kind, fraction):
+    conv = make_conv(2, 12, 16, (3, 3), groups=1 if kind == "svd-spatial" else 2, padding=1)
+    max_params = int(fraction * sum(p.numel() for p in conv.parameters()))
+    rank = rank_for_budget(kind, conv, max_params)
+    module = factorize(kind, conv, rank, **({"n_iter_max": 2} if kind == "cp" else {}))
+    assert module.num_params <= max_params
+    assert module.reported_rank == rank
+
+
+def test_rank_for_budget_known_values_and_nothing_fits():
+    conv = nn.Conv2d(64, 64, 3)  # weight 36864, bias 64
+    quarter = 36864 // 4 + 64  # a quarter of the weight plus the bias: 9216 for the factors
+    # Tucker-2 (25, 25): 64*25 + 25*25*9 + 64*25 = 8825 <= 9216 < 9412 for (26, 26)
+    assert Tucker2Conv.rank_for_budget(conv, quarter) == (25, 25)
+    assert CPConv.rank_for_budget(conv, quarter) == 9216 // (64 + 64 + 3 + 3)
+    assert SVDConv.rank_for_budget(conv, quarter) == 9216 // (64 * 9 + 64)
+    assert SVDConv.rank_for_budget(conv, quarter, scheme="spatial") == 9216 // (64 * 3 + 64 * 3)
+    # Rank 1 costs the bias plus one rank's factors; a parameter less fits nothing.
+    rank_one = {"tucker2": 64 + 9 + 64, "cp": 64 + 64 + 3 + 3, "svd-channel": 64 * 9 + 64, "svd-spatial": 64 * 3 * 2}
+    for kind, factors in rank_one.items():
+        assert rank_for_budget(kind, conv, 64 + factors - 1) is None
+        assert rank_for_budget(kind, conv, 64 + factors) == ((1, 1) if kind == "tucker2" else 1)
+        assert rank_for_budget(kind, conv, 63) is None and rank_for_budget(kind, conv, 0) is None
+        # Without a bias, the factors get the whole budget.
+        assert rank_for_budget(kind, nn.Conv2d(64, 64, 3, bias=False), factors) == ((1, 1) if kind == "tucker2" else 1)
+    # Above the full size, the ranks stop at the largest ones the modules accept.
+    assert Tucker2Conv.rank_for_budget(conv, 10**9) == (64, 64)
+    assert CPConv.rank_for_budget(conv, 10**9) == 64 * 64 * 9 // 64
+    assert SVDConv.rank_for_budget(conv, 10**9) == 64
+    assert SVDConv.rank_for_budget(conv, 10**9, scheme="spatial") == 64 * 3
+
+
+# ----------------------------------------------------------------------------- rank matrices and reported ranks
+
+
+def gram(matrices):
+    """``sum M Mᵀ`` over matrices that are wide (or equal-sided), ``sum Mᵀ M`` over tall ones."""
+    rows, cols = matrices[0].shape
+    return sum(m @ m.T if rows <= cols else m.T @ m for m in matrices)
 
 
 @pytest.mark.parametrize(
-    ("dim", "in_channels", "out_channels", "kernel", "groups"),
+    ("dim", "in_channels", "out_channels", "kernel", "groups", "mode0", "mode1", "channel"),
     [
-        (2, 64, 64, (3, 3), 1),
-        (2, 32, 96, (3, 3), 1),
-        (1, 48, 16, (5,), 2),
-        (3, 8, 12, (3, 3, 3), 4),
-        (2, 3, 64, (7, 7), 1),
+        (2, 8, 6, (3, 3), 1, (6, 72), (8, 54), (6, 72)),
+        (2, 16, 32, (3, 3), 4, (8, 144), (4, 288), (8, 144)),
+        (1, 64, 8, (1,), 2, (4, 64), (64, 4), (4, 64)),  # one group's mode-1 unfolding (32, 4) is tall
+        (3, 4, 6, (2, 1, 2), 2, (3, 16), (2, 24), (3, 16)),
+        (2, 6, 40, (1, 1), 2, (40, 3), (3, 40), (40, 3)),  # one group's mode-0 unfolding (20, 3) is tall
     ],
 )
-@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.9])
-def test_ratio_helpers_give_largest_fitting_ranks(dim, in_channels, out_channels, kernel, groups, ratio):
-    conv = CONV[dim](in_channels, out_channels, kernel, groups=groups)
-    budget = ratio * conv.weight.numel()
-    out_group, in_group = out_channels // groups, in_channels // groups
-
-    def tucker_params(r_out, r_in):
-        return groups * (in_group * r_in + r_in * r_out * math.prod(kernel) + out_group * r_out)
-
-    r_out, r_in = tucker2_ranks_for_ratio(conv, ratio)
-    if r_out:
-        module = Tucker2Conv(in_channels, out_channels, kernel, (r_out, r_in), groups=groups)
-        assert weight_params(module) == tucker_params(r_out, r_in) <= budget
-        assert abs(r_out / out_group - r_in / in_group) <= 1 / min(out_group, in_group)
-    if r_out < out_group and r_in < in_group:
-        assert tucker_params(r_out + 1, r_in + 1) > budget  # one more on both ranks no longer fits
-
-    cases = [
-        (cp_rank_for_ratio(conv, ratio), "cp", CPConv, in_group + out_group + sum(kernel)),
-        (svd_rank_for_ratio(conv, ratio), "svd-channel", SVDConv, in_group * math.prod(kernel) + out_group),
-    ]
-    for rank, kind, cls, per_group_and_rank in cases:
-        per_rank = groups * per_group_and_rank
-        assert rank * per_rank <= budget
-        assert rank == max_ranks(kind, conv) or (rank + 1) * per_rank > budget
-        if rank:
-            assert weight_params(cls(in_channels, out_channels, kernel, rank, groups=groups)) == rank * per_rank
-
-    if dim == 2 and groups == 1:
-        rank = svd_rank_for_ratio(conv, ratio, scheme="spatial")
-        per_rank = in_channels * kernel[0] + out_channels * kernel[1]
-        assert rank * per_rank <= budget
-        assert rank == max_ranks("svd-spatial", conv) or (rank + 1) * per_rank > budget
+def test_rank_matrices_shapes_and_contents(dim, in_channels, out_channels, kernel, groups, mode0, mode1, channel):
+    conv = make_conv(dim, in_channels, out_channels, kernel, groups=groups)
+    out_group, in_group, taps = out_channels // groups, in_channels // groups, math.prod(kernel)
+    tucker_matrices = Tucker2Conv.rank_matrices(conv)
+    (svd_matrix,) = SVDConv.rank_matrices(conv)
+    assert [tuple(m.shape) for m in tucker_matrices] == [mode0, mode1]
+    assert tuple(svd_matrix.shape) == channel
+    # The smaller side is the largest rank the module accepts (for Tucker-2, unless the unfolding is tall,
+    # where ranks beyond its smaller side add nothing).
+    assert min(mode0) == min(out_group, in_group * taps) and min(mode1) == min(in_group, out_group * taps)
+    assert min(channel) == max_ranks("svd-channel", conv)
+    # Each group's unfolding, joined along the longer side: the same Gram matrix as the groups' blocks.
+    blocks = conv.weight.detach().reshape(groups, out_group, in_group, taps)
+    unfold0 = [blocks[g].reshape(out_group, -1) for g in range(groups)]
+    unfold1 = [blocks[g].transpose(0, 1).reshape(in_group, -1) for g in range(groups)]
+    for matrix, expected in [(tucker_matrices[0], unfold0), (tucker_matrices[1], unfold1), (svd_matrix, unfold0)]:
+        assert matrix.dtype == F64 and not matrix.requires_grad
+        assert torch.allclose(gram([matrix]), gram(expected), rtol=1e-12, atol=0)
+    if groups == 1:
+        assert torch.equal(tucker_matrices[0], conv.weight.detach().reshape(out_channels, -1))
+        assert torch.equal(tucker_matrices[1], conv.weight.detach().transpose(0, 1).reshape(in_channels, -1))
+    assert CPConv.rank_matrices(conv) == []
 
 
-def test_ratio_helpers_known_values_and_nothing_fits():
-    conv = nn.Conv2d(64, 64, 3)
-    # Tucker-2 (25, 25): 64*25 + 25*25*9 + 64*25 = 8825 <= 9216 < 9412 for (26, 26)
-    assert tucker2_ranks_for_ratio(conv, 0.25) == (25, 25)
-    assert cp_rank_for_ratio(conv, 0.25) == 9216 // (64 + 64 + 3 + 3)
-    assert svd_rank_for_ratio(conv, 0.25) == 9216 // (64 * 9 + 64)
-    assert svd_rank_for_ratio(conv, 0.25, scheme="spatial") == 9216 // (64 * 3 + 64 * 3)
-    tiny = 1e-4
-    assert tucker2_ranks_for_ratio(conv, tiny) == (0, 0)
-    assert cp_rank_for_ratio(conv, tiny) == svd_rank_for_ratio(conv, tiny) == 0
-    # Above the full size, the ranks stop at their bounds.
-    assert tucker2_ranks_for_ratio(conv, 10.0) == (64, 64)
-    assert svd_rank_for_ratio(conv, 10.0) == 64
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_svd_rank_matrix_is_the_one_truncated(scheme):
+    # Eckart-Young: the rank-r module's kernel error is the tail of the matrix's singular values.
+    conv = make_conv(2, 5, 7, (3, 4), padding=1)
+    (matrix,) = SVDConv.rank_matrices(conv, scheme=scheme)
+    assert tuple(matrix.shape) == ((7, 5 * 12) if scheme == "channel" else (5 * 3, 7 * 4))
+    singular_values = torch.linalg.svdvals(matrix)
+    assert len(singular_values) == max_ranks(f"svd-{scheme}", conv)
+    for rank in (1, 3, 6):
+        error = torch.linalg.vector_norm(SVDConv.from_dense(conv, rank, scheme=scheme).weight - conv.weight).detach()
+        assert float(error) == pytest.approx(float(singular_values[rank:].square().sum().sqrt()), rel=1e-9)
+
+
+@pytest.mark.parametrize("policy", [Energy(0.999), VBMF(), FixedRank(10**6)], ids=str)
+@pytest.mark.parametrize(
+    ("dim", "in_channels", "out_channels", "kernel", "groups"),
+    [(2, 16, 32, (3, 3), 4), (1, 64, 8, (1,), 2), (2, 6, 40, (1, 1), 2)],
+)
+@pytest.mark.parametrize("kind", ["tucker2", "svd-channel"])
+def test_policies_on_rank_matrices_give_ranks_the_module_accepts(kind, dim, in_channels, out_channels, kernel,
+                                                                 groups, policy):
+    # Grouped: a rank read from the whole kernel's unfolding (up to 32 output channels) could exceed a group's.
+    conv = make_conv(dim, in_channels, out_channels, kernel, groups=groups)
+    ranks = tuple(policy.choose(torch.linalg.svdvals(m), m.shape) for m in rank_matrices(kind, conv))
+    rank = ranks if kind == "tucker2" else ranks[0]
+    bound = max_ranks(kind, conv)
+    assert all(1 <= r <= b for r, b in zip(ranks, bound if kind == "tucker2" else [bound]))
+    module = factorize(kind, conv, rank)
+    assert module.reported_rank == rank
+
+
+def test_planted_tucker2_ranks_read_from_rank_matrices():
+    # Every group's kernel has Tucker ranks (2, 3), from its own factors: the joined unfoldings have rank
+    # 2 * groups (output) and 3 * groups (input), at most the group bounds, which recover the kernel exactly.
+    conv = make_conv(2, 16, 24, (3, 3), groups=2, padding=1)
+    gen = generator(17)
+    plant(conv, lambda g: torch.einsum("oa,abk,ib->oik", randn(12, 2, gen=gen), randn(2, 3, 9, gen=gen),
+                                       randn(8, 3, gen=gen)).reshape(12, 8, 3, 3))
+    ranks = tuple(Threshold(1e-10).choose(torch.linalg.svdvals(m), m.shape) for m in Tucker2Conv.rank_matrices(conv))
+    assert ranks == (4, 6)
+    x = randn(2, 16, 6, 6, gen=gen)
+    assert_same_output(Tucker2Conv.from_dense(conv, ranks)(x), conv(x))
+
+
+@pytest.mark.parametrize(("kind", "rank", "reported"), [
+    ("tucker2", (3, 2), (3, 2)), ("tucker2", 2, (2, 2)), ("cp", 3, 3), ("svd-channel", 2, 2), ("svd-spatial", 5, 5),
+])
+def test_reported_rank(kind, rank, reported):
+    module = factorize(kind, make_conv(2, 4, 6, (3, 3)), rank, **({"n_iter_max": 1} if kind == "cp" else {}))
+    assert module.reported_rank == reported
+    assert type(module.reported_rank) is type(reported)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -386,24 +517,34 @@ def test_bad_ranks_raise(kind, which):
         rank = {"zero": (0, 2), "too large": (2, bound[1] + 1), "not an int": (2, 1.5)}[which]
     else:
         rank = {"zero": 0, "too large": bound + 1, "not an int": True}[which]
-    # The message names the layer's shape and the allowed range of the offending rank.
-    allowed = (bound[0] if which == "zero" else bound[1]) if kind == "tucker2" else bound
-    with pytest.raises(ValueError, match=r"weight shape \(6, 4, 3, 3\)") as info:
+    # The message names the layer's shape, the offending rank and what is allowed.
+    allowed = bound[1] if kind == "tucker2" else bound
+    error, expected = {
+        "zero": (ValueError, "must be at least 1, got 0"),
+        "too large": (ValueError, f"must be at most {allowed}, got {allowed + 1}"),
+        "not an int": (TypeError, "must be an int, got"),
+    }[which]
+    with pytest.raises(error, match=r"weight shape \(6, 4, 3, 3\)") as info:
         factorize(kind, conv, rank)
-    assert f"[1, {allowed}]" in str(info.value)
+    assert expected in str(info.value)
+    if kind == "tucker2":
+        assert ("r_out" if which == "zero" else "r_in") in str(info.value)
 
 
 def test_bad_arguments_raise():
     conv = make_conv(2, 4, 6, (3, 3))
-    with pytest.raises(ValueError, match=r"\(r_out, r_in\)"):
+    with pytest.raises(ValueError, match="sequence of 2 ints"):
         Tucker2Conv.from_dense(conv, (1, 2, 3))
     with pytest.raises(ValueError, match="scheme"):
         SVDConv.from_dense(conv, 2, scheme="diagonal")
     with pytest.raises(ValueError, match="scheme"):
-        svd_rank_for_ratio(conv, 0.5, scheme="diagonal")
-    for bad_ratio in (0, -0.5, float("nan"), "half"):
-        with pytest.raises(ValueError, match="ratio"):
-            tucker2_ranks_for_ratio(conv, bad_ratio)
+        SVDConv.rank_for_budget(conv, 500, scheme="diagonal")
+    with pytest.raises(ValueError, match="scheme"):
+        SVDConv.rank_matrices(conv, scheme="diagonal")
+    for bad_budget in (-1, 0.5, True, "many"):
+        for cls in (Tucker2Conv, CPConv, SVDConv):
+            with pytest.raises(ValueError, match="max_params"):
+                cls.rank_for_budget(conv, bad_budget)
     with pytest.raises(ValueError, match="stride"):
         Tucker2Conv(4, 6, [3, 3], 2, stride=2, padding="same")
     with pytest.raises(ValueError, match="padding_mode"):
@@ -417,7 +558,9 @@ def test_bad_arguments_raise():
 @pytest.mark.parametrize("make", [lambda: nn.Linear(4, 4), lambda: nn.ConvTranspose2d(4, 4, 3)])
 def test_non_convolutions_raise(make):
     for build in (lambda m: Tucker2Conv.from_dense(m, 2), lambda m: CPConv.from_dense(m, 2),
-                  lambda m: SVDConv.from_dense(m, 2), lambda m: tucker2_ranks_for_ratio(m, 0.5)):
+                  lambda m: SVDConv.from_dense(m, 2), lambda m: Tucker2Conv.rank_for_budget(m, 100),
+                  lambda m: CPConv.rank_for_budget(m, 100), lambda m: SVDConv.rank_for_budget(m, 100),
+                  lambda m: Tucker2Conv.rank_matrices(m), lambda m: SVDConv.rank_matrices(m)):
         with pytest.raises(TypeError, match="Conv"):
             build(make())
 
@@ -425,22 +568,27 @@ def test_non_convolutions_raise(make):
 @pytest.mark.parametrize("dim", [1, 2, 3])
 def test_tucker2_refuses_depthwise(dim):
     depthwise = CONV[dim](8, 16, 3, groups=8)
-    with pytest.raises(UnsupportedLayerError, match="depthwise"):
-        Tucker2Conv.from_dense(depthwise, (1, 1))
+    for call in (lambda: Tucker2Conv.from_dense(depthwise, (1, 1)),
+                 lambda: Tucker2Conv.rank_for_budget(depthwise, 10**6),
+                 lambda: Tucker2Conv.rank_matrices(depthwise)):
+        with pytest.raises(UnsupportedLayerError, match="depthwise"):
+            call()
     # The other schemes handle one input channel per group.
     gen = generator(12)
     with torch.no_grad():
         depthwise.weight.copy_(randn(*depthwise.weight.shape, gen=gen, dtype=torch.float32))
     x = randn(2, 8, *(6,) * dim, gen=gen, dtype=torch.float32)
     assert_same_output(SVDConv.from_dense(depthwise, 2)(x), depthwise(x), rtol=1e-5)
+    assert SVDConv.rank_for_budget(depthwise, 10**6) == 2 and CPConv.rank_for_budget(depthwise, 10**6) >= 1
 
 
 @pytest.mark.parametrize("conv", [nn.Conv1d(4, 4, 3), nn.Conv3d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=2)])
 def test_spatial_scheme_needs_ungrouped_conv2d(conv):
-    with pytest.raises(UnsupportedLayerError, match="Conv2d without groups"):
-        SVDConv.from_dense(conv, 2, scheme="spatial")
-    with pytest.raises(UnsupportedLayerError, match="Conv2d without groups"):
-        svd_rank_for_ratio(conv, 0.5, scheme="spatial")
+    for call in (lambda: SVDConv.from_dense(conv, 2, scheme="spatial"),
+                 lambda: SVDConv.rank_for_budget(conv, 10**6, scheme="spatial"),
+                 lambda: SVDConv.rank_matrices(conv, scheme="spatial")):
+        with pytest.raises(UnsupportedLayerError, match="Conv2d without groups"):
+            call()
 
 
 # ----------------------------------------------------------------------------- dtype, device, batching, autograd

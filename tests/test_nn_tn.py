@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
+import math
 import string
 
 import pytest
@@ -9,9 +12,11 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from conftest import F64, generator, randn
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import lowrank
-from lowrank.nn import TNLinear, tensorize_weight
+from lowrank.nn import TNLinear
+from lowrank.nn.tensorize import tensorize_weight
 
 
 def dense_from_network(layer: TNLinear) -> torch.Tensor:
@@ -55,7 +60,9 @@ def test_forward_equals_the_dense_layer(bonds, batch_shape):
     dense = layer.to_dense()
     torch.testing.assert_close(dense(x), layer(x), rtol=1e-10, atol=1e-10)
     rebuilt = TNLinear(**layer.config(), dtype=F64)
-    assert [c.shape for c in rebuilt.cores] == [c.shape for c in layer.cores]
+    rebuilt.load_state_dict(layer.state_dict(), strict=True)
+    assert torch.equal(rebuilt(x), layer(x))
+    torch.testing.assert_close(rebuilt(x), F.linear(x, weight, layer.bias), rtol=1e-10, atol=1e-10)
 
 
 TUCKER_BONDS = [(0, 3, 2), (1, 3, 3), (2, 3, 2)]  # every mode joined to one internal core
@@ -73,8 +80,11 @@ def test_a_layer_with_an_internal_core_equals_its_dense_weight():
     torch.testing.assert_close(layer(x), F.linear(x, weight, layer.bias), rtol=1e-10, atol=1e-10)
     assert layer.network.n_internal == 1 and layer.num_params == 6 * 2 + 12 * 3 + 8 * 2 + 2 * 3 * 2 + 24
     rebuilt = TNLinear(**layer.config(), dtype=F64)
-    assert rebuilt.n_internal == 1 and [c.shape for c in rebuilt.cores] == [c.shape for c in layer.cores]
-    assert 0 < layer.flops((5, 24))
+    rebuilt.load_state_dict(layer.state_dict(), strict=True)
+    assert rebuilt.n_internal == 1 and torch.equal(rebuilt(x), layer(x))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        layer(x)
+    assert 2 * layer.flops((5, 24)) == counter.get_total_flops()  # 2 FLOPs per multiply-accumulate of a GEMM
     with pytest.raises(ValueError, match="n_internal must be an int >= 0"):
         TNLinear((3, 4, 2), (2, 3, 4), TUCKER_BONDS, n_internal=-1)
 
@@ -107,10 +117,46 @@ def test_tensorisation_pairs_output_and_input_factors():
     assert tensor[o[0] * 3 + i[0], o[1] * 4 + i[1], o[2] * 2 + i[2]] == weight[row, col]
 
 
+def cheapest_contraction_macs(operands: list[dict[str, int]], output: set[str]) -> int:
+    """The fewest multiply-accumulates of any order of pairwise contractions of ``operands`` (index -> size).
+
+    Brute force over every pair at every step: contracting two operands costs the product of the sizes of all
+    their indices, and keeps the indices that another operand or the output still holds.
+    """
+
+    @functools.cache
+    def best(state: frozenset) -> int:
+        if len(state) == 1:
+            return 0
+        items = list(state)
+        costs = []
+        for a, b in itertools.combinations(range(len(items)), 2):
+            merged = dict(items[a]) | dict(items[b])
+            rest = [items[k] for k in range(len(items)) if k not in (a, b)]
+            kept = {i for item in rest for i, _ in item} | output
+            result = frozenset((i, n) for i, n in merged.items() if i in kept)
+            costs.append(math.prod(merged.values()) + best(frozenset([*rest, result])))
+        return min(costs)
+
+    return best(frozenset(frozenset(op.items()) for op in operands))
+
+
 def test_flops_follow_the_contraction_path():
     chain = random_layer([(0, 1, 2), (1, 2, 3)], seed=0)
-    # contracting the input with one core at a time: each step costs its output entries times the summed sizes
-    assert 0 < chain.flops((1, 24)) < 24 * 24
+    # the chain's indices, named here: input x (b, i0, i1, i2) of sizes (batch, 3, 4, 2); core k pairs output
+    # o_k of (2, 3, 4) with input i_k; bonds c0-c1 of rank 2 (p) and c1-c2 of rank 3 (q)
+    cores = [{"o0": 2, "i0": 3, "p": 2}, {"p": 2, "o1": 3, "i1": 4, "q": 3}, {"q": 3, "o2": 4, "i2": 2}]
+    for batch_shape in [(1,), (4,), (2, 3), (64,)]:
+        rows = math.prod(batch_shape)
+        x_indices = {"b": rows, "i0": 3, "i1": 4, "i2": 2}
+        reference = cheapest_contraction_macs([x_indices, *cores], {"b", "o0", "o1", "o2"})
+        x = randn(*batch_shape, 24, gen=generator(2))
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            chain(x)
+        # FlopCounterMode counts 2 per multiply-accumulate of the GEMMs the forward runs (the bias add: none)
+        assert chain.flops((*batch_shape, 24)) == reference == counter.get_total_flops() // 2
+    # one row: x with c0 (96 MACs), then c1 (288), then c2 (144), below the dense layer's 24 * 24
+    assert chain.flops((1, 24)) == 96 + 288 + 144
     assert chain.flops((4, 24)) <= 4 * chain.flops((1, 24))
     with pytest.raises(ValueError, match="input_shape must end in in_features=24"):
         chain.flops((1, 25))
@@ -133,7 +179,7 @@ def test_bad_input():
         TNLinear((3, 4, 2), (2, 3, 4), [(0, 3, 2)])
     with pytest.raises(ValueError, match="must join two different cores among 3 once"):
         TNLinear((3, 4, 2), (2, 3, 4), [(0, 1, 2), (1, 0, 3)])
-    with pytest.raises(ValueError, match="give max_params= .* or tol="):
+    with pytest.raises(ValueError, match="give rank= .* or tol="):
         TNLinear.from_dense(nn.Linear(24, 24))
     network = lowrank.decompose.TensorNetwork(tuple(random_layer([], 0).cores))
     with pytest.raises(ValueError, match=r"the network's shape \(6, 12, 8\) must be the paired sizes"):
@@ -160,7 +206,7 @@ def test_compress_save_and_load_with_method_tn(tmp_path):
     reloaded = lowrank.load(tmp_path / "out", model=fresh)
     x = torch.randn(3, 64)
     assert torch.equal(reloaded(x), model(x))
-    with pytest.raises(ValueError, match="method 'tn' searches a network within a parameter budget"):
+    with pytest.raises(ValueError, match="method 'tn' searches a structure within a parameter budget"):
         lowrank.compress(nn.Sequential(nn.Linear(24, 24)), rank=4, method="tn", progress=False)
 
 
@@ -175,5 +221,5 @@ def test_layers_run_on_cuda():
     assert out.device.type == "cuda"
     torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-4, atol=1e-4)
     dense = nn.Linear(24, 24).cuda()
-    searched = TNLinear.from_dense(dense, out_shape=(2, 3, 4), in_shape=(3, 4, 2), max_params=300)
+    searched = TNLinear.from_dense(dense, 300, out_shape=(2, 3, 4), in_shape=(3, 4, 2))
     assert searched.cores[0].device.type == "cuda" and searched(x).device.type == "cuda"

@@ -13,7 +13,8 @@ import torch.nn.functional as F  # noqa: N812
 from conftest import F64, generator, randn, tt_bond_bounds
 
 from lowrank.decompose import TTMatrix
-from lowrank.nn.tt import TTLinear, balanced_factorization, tt_rank_for_ratio
+from lowrank.nn.tensorize import balanced_factorization
+from lowrank.nn.tt import TTLinear
 
 
 def dense_from_cores(cores: list[torch.Tensor]) -> torch.Tensor:
@@ -101,7 +102,7 @@ def test_full_rank_from_dense_reproduces_the_layer(out_shape, in_shape, bias):
         for p in linear.parameters():
             p.copy_(randn(*p.shape, gen=gen))
     full = tt_bond_bounds([m * n for m, n in zip(out_shape, in_shape)])
-    layer = TTLinear.from_dense(linear, out_shape, in_shape, rank=full)
+    layer = TTLinear.from_dense(linear, full, out_shape=out_shape, in_shape=in_shape)
     assert layer.ranks == (1, *full, 1) and layer.out_shape == out_shape and layer.in_shape == in_shape
     x = randn(3, 4, linear.in_features, gen=gen)
     assert torch.allclose(layer(x), linear(x), rtol=1e-10, atol=1e-10)
@@ -186,16 +187,18 @@ def test_balanced_factorization_is_the_most_even_split():
         assert sorted(factors, reverse=True) == min(sorted(s, reverse=True) for s in splits), (n, d)
 
 
-def test_tt_rank_for_ratio():
+def test_rank_for_budget_is_the_largest_rank_that_fits():
     linear = torch.nn.Linear(768, 3072)
     # shapes (12,16,16) x (8,8,12): paired sizes 96, 128, 192, so r cores hold 288 r + 128 r^2 parameters
-    rank = tt_rank_for_ratio(linear, 0.05)
-    assert rank == 29 and 288 * 29 + 128 * 29**2 <= 0.05 * 768 * 3072 < 288 * 30 + 128 * 30**2
-    assert TTLinear.from_dense(linear, rank=rank).num_params - 3072 == 288 * 29 + 128 * 29**2
-    assert tt_rank_for_ratio(linear, 2.0) == 96  # the first bond's bound, min(96, 128 * 192)
-    assert tt_rank_for_ratio(linear, 1e-5) == 0
-    with pytest.raises(ValueError, match="got 0"):
-        tt_rank_for_ratio(linear, 0)
+    budget = 3072 + 288 * 29 + 128 * 29**2 + 100  # the bias, rank 29's cores, and less than rank 30 needs more
+    rank = TTLinear.rank_for_budget(linear, budget)
+    assert rank == 29 and budget < 3072 + 288 * 30 + 128 * 30**2
+    assert TTLinear.from_dense(linear, rank).num_params == 3072 + 288 * 29 + 128 * 29**2 <= budget
+    assert TTLinear.rank_for_budget(linear, 10**9) == 96  # the first bond's bound, min(96, 128 * 192)
+    assert TTLinear.rank_for_budget(linear, 3072 + 288 + 127) is None  # rank 1 needs 288 + 128
+    assert TTLinear.rank_for_budget(linear, 3072 + 288 + 128) == 1
+    # two cores: shapes (48, 64) x (24, 32), paired sizes 1152 and 2048, so r cores hold 3200 r parameters
+    assert TTLinear.rank_for_budget(linear, 3072 + 2 * 3200 + 100, d=2) == 2
 
 
 def test_hf_conv1d():
@@ -205,7 +208,7 @@ def test_hf_conv1d():
     with torch.no_grad():
         conv.weight.copy_(randn(8, 12, gen=gen))
         conv.bias.copy_(randn(12, gen=gen))
-    layer = TTLinear.from_dense(conv, (3, 4), (2, 4), rank=6)  # full: paired sizes (6, 16)
+    layer = TTLinear.from_dense(conv, 6, out_shape=(3, 4), in_shape=(2, 4))  # full: paired sizes (6, 16)
     assert layer.out_features == 12 and layer.in_features == 8 and layer.config()["dense_type"] == "Conv1D"
     x = randn(2, 5, 8, gen=gen)
     assert torch.allclose(layer(x), conv(x), rtol=1e-10, atol=1e-10)
@@ -217,18 +220,18 @@ def test_hf_conv1d():
 def test_bad_input_names_the_value():
     linear = torch.nn.Linear(24, 36)
     with pytest.raises(ValueError, match=r"out_shape \(4, 8\) multiplies to 32.*out_features=36"):
-        TTLinear.from_dense(linear, (4, 8), (4, 6), rank=2)
+        TTLinear.from_dense(linear, 2, out_shape=(4, 8), in_shape=(4, 6))
     with pytest.raises(ValueError, match=r"in_shape \(5, 5\) multiplies to 25.*in_features=24"):
-        TTLinear.from_dense(linear, (6, 6), (5, 5), rank=2)
+        TTLinear.from_dense(linear, 2, out_shape=(6, 6), in_shape=(5, 5))
     with pytest.raises(ValueError, match="d=2"):
-        TTLinear.from_dense(linear, (6, 6), (2, 3, 4), rank=2)
+        TTLinear.from_dense(linear, 2, out_shape=(6, 6), in_shape=(2, 3, 4))
     with pytest.raises(ValueError, match="got 0"):
-        TTLinear.from_dense(linear, (6, 6), (4, 6), rank=0)
-    with pytest.raises(ValueError, match="rank of bond 2 must be an integer >= 1, got 0"):
+        TTLinear.from_dense(linear, 0, out_shape=(6, 6), in_shape=(4, 6))
+    with pytest.raises(ValueError, match="rank for bond 2 must be at least 1, got 0"):
         TTLinear((2, 3, 4), (4, 3, 2), (3, 0))
     with pytest.raises(ValueError, match="got 0"):
         TTLinear((2, 3), (3, 2), 0)
-    with pytest.raises(ValueError, match=r"one per bond\), got \[2, 2\]"):
+    with pytest.raises(ValueError, match=r"rank must be an int or a sequence of 1 ints, got 2 values: \[2, 2\]"):
         TTLinear((2, 3), (3, 2), [2, 2])
     with pytest.raises(ValueError, match=r"in_shape must be .* got \(0, 3\)"):
         TTLinear((0, 3), (3, 2), 2)
@@ -239,9 +242,9 @@ def test_bad_input_names_the_value():
     with pytest.raises(ValueError, match=r"in_features=6, got \(4, 5\)"):
         TTLinear((2, 3), (3, 2), 2).flops((4, 5))
     for n, d, message in [
-        (0, 2, "n must be an integer >= 1, got 0"),
-        (12, 0, "d must be an integer >= 1, got 0"),
-        (12.0, 2, "n must be an integer >= 1, got 12.0"),
+        (0, 2, "n must be an int >= 1, got 0"),
+        (12, 0, "d must be an int >= 1, got 0"),
+        (12.0, 2, "n must be an int >= 1, got 12.0"),
     ]:
         with pytest.raises(ValueError, match=message):
             balanced_factorization(n, d)

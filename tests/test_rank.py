@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
+import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 from conftest import F64, add_noise, generator, planted_tucker, randn, random_orthonormal, unfold
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import brentq
 
@@ -156,10 +159,14 @@ SPECTRUM_RULES = {
 
 
 @settings(max_examples=40)
-@given(st.lists(st.floats(0.0, 100.0), min_size=1, max_size=30), st.randoms(use_true_random=False))
-def test_rules_ignore_order_and_dtype(values, random):
+@given(
+    st.lists(st.floats(0.0, 100.0) | st.floats(0.0, sys.float_info.max), min_size=1, max_size=30),
+    st.randoms(use_true_random=False),
+)
+@example([3.22238221490463e-195], random.Random(0))  # stable_rank squared the largest value to 0.0 and divided by it
+def test_rules_ignore_order_and_dtype(values, rng):
     s = torch.tensor(values, dtype=F64)
-    shuffled = s[torch.tensor(random.sample(range(len(values)), len(values)))]
+    shuffled = s[torch.tensor(rng.sample(range(len(values)), len(values)))]
     for name, rule in SPECTRUM_RULES.items():
         expected = rule(s)
         assert rule(shuffled) == expected, name
@@ -171,6 +178,137 @@ def test_relative_rules_ignore_scale(name):
     s = torch.tensor([9.0, 7.5, 3.0, 2.0, 1.0, 0.5, 0.25, 0.1], dtype=F64)
     rule = SPECTRUM_RULES[name]
     assert rule(s) == rule(s * 1e-3) == rule(s * 1e4)
+
+
+# Exact references for the relative rules, in rational arithmetic on the float values as given (so they
+# see a subnormal or a 1e300 value exactly): the definitions of the docstrings, slack included.
+_SLACK = 1 - Fraction(1, 10**12)
+
+
+def _exact_energy_rank(values: list[float], energy: float) -> int:
+    squares = [Fraction(v) ** 2 for v in sorted(values, reverse=True)]
+    goal = Fraction(energy) * sum(squares) * _SLACK
+    kept = Fraction(0)
+    for rank, square in enumerate(squares, 1):
+        kept += square
+        if kept >= goal:
+            return rank
+    raise AssertionError("unreachable: the whole spectrum meets any goal")
+
+
+def _exact_threshold_rank(values: list[float], threshold: float) -> int:
+    cut = Fraction(threshold) * Fraction(max(values))
+    return sum(Fraction(v) > cut for v in values)
+
+
+def _exact_stable_rank(values: list[float]) -> int:
+    top = Fraction(max(values))
+    if top == 0:
+        return 0
+    ratio = sum(Fraction(v) ** 2 for v in values) / top**2
+    return min(max(math.ceil(ratio * _SLACK), 1), len(values))
+
+
+def _exact_heavy_tail_rank(values: list[float], threshold: float) -> int:
+    top, bottom = Fraction(max(values)), Fraction(min(values))
+    if top == bottom:
+        return len(values) if top > 0 else 0
+    return sum((Fraction(v) - bottom) / (top - bottom) >= Fraction(threshold) for v in values)
+
+
+def _check_against_exact(s: torch.Tensor) -> None:
+    """Every relative rule on ``s`` against its exact reference; thresholds are dyadic (exact in binary)."""
+    values = s.tolist()
+    for energy in (0.5, 0.9, 1.0):
+        assert energy_rank(s, energy) == _exact_energy_rank(values, energy), ("energy", energy)
+    for threshold in (0.0, 0.125, 0.375):
+        assert threshold_rank(s, threshold) == _exact_threshold_rank(values, threshold), ("threshold", threshold)
+        assert heavy_tail_rank(s, threshold) == _exact_heavy_tail_rank(values, threshold), ("heavy-tail", threshold)
+    assert stable_rank(s) == _exact_stable_rank(values), "stable"
+
+
+def _scaled(values: list[int], k: int) -> torch.Tensor:
+    """``values * 2**k`` in float64, checked to be exact (integers below 2**11 stay exact down to 2**-1074)."""
+    s = torch.tensor([math.ldexp(v, k) for v in values], dtype=F64)
+    assert [Fraction(x) for x in s.tolist()] == [v * Fraction(2) ** k for v in values]
+    return s
+
+
+SCALE_RULES = {
+    "energy": lambda s: [energy_rank(s, e) for e in (0.5, 0.8, 0.9, 1.0)],
+    "threshold": lambda s: [threshold_rank(s, t) for t in (0.0, 0.05, 0.3, 0.375)],
+    "stable": stable_rank,
+    "heavy-tail": lambda s: [heavy_tail_rank(s, t) for t in (0.0, 0.1, 0.125, 0.3)],
+    "vbmf": lambda s: [vbmf_rank(s, (len(s), len(s))), vbmf_rank(s, (len(s), 3 * len(s)))],
+}
+
+
+@settings(max_examples=100)
+@given(
+    st.lists(st.integers(0, 1024), min_size=1, max_size=12),  # all zeros included
+    st.integers(-1074, 1013) | st.integers(-1074, -1030),  # the second: subnormal, where rounding is coarsest
+)
+@example([1, 1], 512)  # energy_rank: the squares overflowed to inf, the first one "kept" all the energy
+@example([1], 512)  # stable_rank: max(s)**2 overflowed (OverflowError)
+@example([1, 1], -538)  # energy_rank: the squares underflowed to 0, an "all-zero" spectrum kept one
+@example([1], -538)  # stable_rank: max(s)**2 underflowed to 0 (ZeroDivisionError)
+@example([0, 1], -513)  # vbmf: the noise bounds underflowed to 0, log(0) (ValueError)
+@example([1], -537)  # vbmf: subnormal squares kept a component the unscaled spectrum does not
+@example([12, 4], -1074)  # threshold_rank: 0.3 * 12 * 2**-1074 rounded up to 4 * 2**-1074 (energy_rank underflowed too)
+def test_relative_rules_ignore_power_of_two_scale(values, k):
+    # 2**k from the subnormal range (2**-1074 is the smallest float64 above 0) to 2**1023: the scaled
+    # spectrum is exact, so every relative rule must give the rank it gives on the integers
+    s, base = _scaled(values, k), torch.tensor(values, dtype=F64)
+    for name, rule in SCALE_RULES.items():
+        assert rule(s) == rule(base), name
+    _check_against_exact(s)
+    _check_against_exact(base)
+
+
+@pytest.mark.parametrize("k", [-1074, -1070, -1060, -1022, -600, -300, 0, 300, 600, 1000, 1020])
+def test_rules_on_tiny_huge_and_subnormal_spectra(k):
+    # 12, 10, 6, 4, 2, 1 times 2**k: subnormal for k < -1025, 1.35e308 (near the float64 maximum) for k = 1020
+    s = _scaled([12, 10, 6, 4, 2, 1], k)
+    assert energy_rank(s, 0.8) == 2  # squares 144, 100, 36, 16, 4, 1: 244 of 301 is 0.81
+    assert energy_rank(s, 1.0) == 6
+    assert threshold_rank(s, 0.3) == 4  # above 3.6: 12, 10, 6, 4
+    assert threshold_rank(s, 0.0) == 6
+    assert stable_rank(s) == 3  # 301 / 144 = 2.09
+    assert heavy_tail_rank(s, 0.1) == 4  # (s - 1) / 11: 1, 0.82, 0.45, 0.27, 0.09, 0
+    base = vbmf(torch.tensor([12.0, 10.0, 6.0, 4.0, 2.0, 1.0], dtype=F64), (6, 12))
+    result = vbmf(s, (6, 12))
+    assert result.rank == base.rank
+    # the threshold scales with the spectrum, the noise variance with its square, where representable
+    if abs(k) <= 1000:
+        assert result.threshold == pytest.approx(math.ldexp(base.threshold, k), rel=1e-12)
+    if abs(k) <= 500:
+        assert result.noise_variance == pytest.approx(math.ldexp(base.noise_variance, 2 * k), rel=1e-12)
+
+
+def test_rules_at_the_ends_of_the_float64_range():
+    biggest, smallest = sys.float_info.max, math.ldexp(1.0, -1074)
+    equal = torch.tensor([biggest] * 3, dtype=F64)  # the squares overflow to inf
+    assert energy_rank(equal, 0.9) == 3
+    assert stable_rank(equal) == 3
+    assert threshold_rank(equal, 0.5) == 3 and threshold_rank(equal, 1.0) == 0
+    assert heavy_tail_rank(equal, 0.5) == 3
+    assert vbmf_rank(equal, (3, 5)) == vbmf_rank(torch.ones(3, dtype=F64), (3, 5))
+    tiny = torch.tensor([smallest] * 3, dtype=F64)  # the squares underflow to 0
+    assert energy_rank(tiny, 0.9) == 3
+    assert stable_rank(tiny) == 3
+    assert threshold_rank(tiny, 0.5) == 3
+    assert vbmf_rank(tiny, (3, 5)) == vbmf_rank(torch.ones(3, dtype=F64), (3, 5))
+    # the whole range in one spectrum: next to the largest the others carry no energy, but are non-zero
+    span = torch.tensor([biggest, 1.0, smallest], dtype=F64)
+    assert energy_rank(span, 1.0) == 1
+    assert stable_rank(span) == 1
+    assert threshold_rank(span, 0.0) == 3  # the numerical rank counts every non-zero value
+    assert threshold_rank(span, 1e-300) == 1
+    assert heavy_tail_rank(span, 0.0) == 3 and heavy_tail_rank(span, 1e-300) == 1
+    _check_against_exact(span)
+    # a known noise variance near the float64 maximum: sqrt(M sigma2 x_bar) must not overflow
+    # (1e308 * 2 * 4.91 is past it; the threshold is sqrt(9.8e308) = 3.1e154)
+    assert vbmf(torch.tensor([1e155, 1e153], dtype=F64), (2, 2), noise_variance=1e308).rank == 1
 
 
 def test_low_precision_spectrum_is_computed_in_float64():

@@ -19,8 +19,6 @@ from conftest import (
 
 import lowrank
 from lowrank.decompose import TR, TT, TensorNetwork, tn, tn_adam, tn_als
-from lowrank.decompose.search import HOLDOUT_PATIENCE, bond_slices, join_slices
-from lowrank.decompose.tn import als, als_update, environment
 from lowrank.decompose.tn_edits import (
     internal_groups,
     lower_bond,
@@ -29,6 +27,8 @@ from lowrank.decompose.tn_edits import (
     merged_size,
     split_core,
 )
+from lowrank.decompose.tn_fit import als, als_update, environment
+from lowrank.decompose.tn_search import HOLDOUT_PATIENCE, bond_slices, join_slices
 
 F64 = torch.float64
 
@@ -78,8 +78,10 @@ def test_contraction_matches_a_naive_einsum(shape, ranks):
     assert net.shape == shape
     assert net.num_params == sum(c.numel() for c in cores)
     assert set(net.edges) == {edge for edge, r in ranks.items() if r > 1}
-    matrix = net.ranks
-    assert all(matrix[i][j] == matrix[j][i] for i in range(len(shape)) for j in range(len(shape)))
+    # the rank matrix: the planted bond ranks off the diagonal (1 where no bond), the mode sizes on it
+    planted = [[shape[i] if i == j else ranks.get((min(i, j), max(i, j)), 1) for j in range(len(shape))]
+               for i in range(len(shape))]
+    assert [list(row) for row in net.ranks] == planted
 
 
 TUCKER_NETWORK = {(0, 3): 2, (1, 3): 3, (2, 3): 2, (0, 1): 2}  # three modes joined through an internal core
@@ -98,8 +100,16 @@ def test_network_from_tucker_is_the_tucker_tensor():
     x = planted_tucker((4, 5, 6), (2, 3, 2), seed=4)
     f = lowrank.decompose.tucker(x, (2, 3, 2))
     net = TensorNetwork.from_tucker(f)
-    torch.testing.assert_close(net.to_tensor(), f.to_tensor(), rtol=1e-12, atol=1e-12)
-    assert net.n_internal == 1 and net.num_params == f.num_params
+    # references from outside the library: the Tucker tensor rebuilt from f's core and factors by one einsum,
+    # the network's cores contracted by the naive einsum, and the planted tensor itself (of exactly these
+    # multilinear ranks, so its Tucker decomposition at them is exact)
+    assert dict(zip(f.modes, (tuple(u.shape) for u in f.factors))) == {0: (4, 2), 1: (5, 3), 2: (6, 2)}
+    factors = dict(zip(f.modes, f.factors))
+    tucker_tensor = torch.einsum("abc,ia,jb,kc->ijk", f.core, factors[0], factors[1], factors[2])
+    torch.testing.assert_close(net.to_tensor(), tucker_tensor, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(naive_contraction(list(net.cores), n_internal=1), tucker_tensor, rtol=1e-12, atol=1e-12)
+    assert rel_err(net.to_tensor(), x) < 1e-10
+    assert net.n_internal == 1 and net.num_params == 2 * 3 * 2 + 4 * 2 + 5 * 3 + 6 * 2  # core and factors: 47
     assert net.edges == ((0, 3), (1, 3), (2, 3)) and [net.ranks[k][3] for k in range(3)] == [2, 3, 2]
 
 
@@ -455,7 +465,7 @@ def test_dispatch_and_dtype():
         ({"max_params": 10}, "max_params=10 is below the 18 parameters of the rank-one network"),
         ({"tol": 1.5}, "tol must be a relative error in the open interval"),
         ({"time_limit": 0}, "time_limit must be a positive number of seconds, got 0"),
-        ({"max_steps": -1}, "max_steps must be an integer >= 0, got -1"),
+        ({"max_steps": -1}, "max_steps must be an int >= 0, got -1"),
         ({"split": "yes"}, "split must be True or False, got 'yes'"),
         ({"prune": None}, "prune must be True or False, got None"),
     ],

@@ -3,11 +3,18 @@
 Three floors, each usable on its own:
 
 - :mod:`~lowrank.calibrate.data` turns texts, data loaders or tensors into
-  :class:`CalibrationBatch` lists and runs a model on them (or on a callable);
-- :mod:`~lowrank.calibrate.statistics` collects, with hooks, each linear
-  layer's input Gram matrix and channel magnitudes
-  (:func:`collect_input_statistics`) and the Fisher of its outputs
-  (:func:`collect_output_fisher`), in float64;
+  :class:`CalibrationBatch` lists, checks them and runs a model on them (or
+  on a callable);
+- the collectors watch layers with hooks and accumulate in float64:
+  :mod:`~lowrank.calibrate.inputs` each linear layer's input Gram matrix and
+  channel magnitudes (:func:`collect_input_statistics`) and their cross
+  moments with a reference model (:func:`collect_paired_statistics`),
+  :mod:`~lowrank.calibrate.fisher` the Fisher of its outputs
+  (:func:`collect_output_fisher`), :mod:`~lowrank.calibrate.gradients` the
+  gradient of a loss with respect to its weight
+  (:func:`collect_weight_gradients`); the machinery they share (row
+  accumulators, token masks, eval mode, early stops) is in
+  :mod:`~lowrank.calibrate.hooks`;
 - :mod:`~lowrank.calibrate.whitening` turns a weight and those statistics into
   low-rank factors: whitened truncation (SVD-LLM), ASVD scaling, and a
   least-squares refit of the second factor.
@@ -25,17 +32,17 @@ Examples
 
 """
 
-from lowrank.calibrate.data import Calibration, CalibrationBatch, calibration_batches, run_calibration
-from lowrank.calibrate.statistics import (
-    InputStatistics,
-    collect_input_statistics,
-    collect_output_fisher,
-    collect_paired_statistics,
-    collect_weight_gradients,
-    counted_rows,
-    eval_mode,
-    model_output_tensor,
+from lowrank.calibrate.data import (
+    Calibration,
+    CalibrationBatch,
+    calibration_batches,
+    check_calibration,
+    run_calibration,
 )
+from lowrank.calibrate.fisher import collect_output_fisher, model_output_tensor
+from lowrank.calibrate.gradients import collect_weight_gradients
+from lowrank.calibrate.hooks import counted_rows, eval_mode
+from lowrank.calibrate.inputs import InputStatistics, collect_input_statistics, collect_paired_statistics
 from lowrank.calibrate.whitening import (
     asvd_low_rank,
     cholesky_factor,
@@ -50,6 +57,7 @@ __all__ = [
     "InputStatistics",
     "asvd_low_rank",
     "calibration_batches",
+    "check_calibration",
     "cholesky_factor",
     "collect_input_statistics",
     "collect_output_fisher",

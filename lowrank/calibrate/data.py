@@ -8,7 +8,7 @@ run the model on. It is either
 - a callable ``calibrate(model) -> None`` that runs the model itself, for
   models whose forward needs more than positional and keyword tensors.
 
-:func:`run_calibration` runs either kind.
+:func:`run_calibration` runs either kind, :func:`check_calibration` checks it.
 """
 
 from __future__ import annotations
@@ -224,8 +224,39 @@ def calibration_batches(
     return [batch.to(device) for batch in batches]
 
 
-def _check_calibration(calibration: Any) -> None:
+def check_calibration(calibration: Any, *, needs_batches: str | None = None) -> None:
+    """Check that ``calibration`` is a non-empty sequence of :class:`CalibrationBatch`, or a callable.
+
+    Parameters
+    ----------
+    calibration : object
+        The calibration to check.
+    needs_batches : str, optional
+        What needs batches, when a callable will not do (such as ``"loss_fn"``);
+        the error names it. None: a callable is accepted.
+
+    Raises
+    ------
+    TypeError
+        If ``calibration`` is neither kind, holds something other than
+        :class:`CalibrationBatch`, or is a callable where ``needs_batches`` is given.
+    ValueError
+        If ``calibration`` holds no batch.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lowrank.calibrate import calibration_batches, check_calibration
+    >>> check_calibration(calibration_batches([torch.zeros(2, 3)]))
+    >>> check_calibration(lambda model: None, needs_batches="stop_early")
+    Traceback (most recent call last):
+    ...
+    TypeError: stop_early needs a sequence of CalibrationBatch, not a calibration callable
+
+    """
     if callable(calibration) and not isinstance(calibration, Sequence):
+        if needs_batches is not None:
+            raise TypeError(f"{needs_batches} needs a sequence of CalibrationBatch, not a calibration callable")
         return
     if not isinstance(calibration, Sequence) or isinstance(calibration, str):
         raise TypeError(
@@ -240,6 +271,11 @@ def _check_calibration(calibration: Any) -> None:
                 f"calibration batch {index} is a {type(batch).__name__}, not a CalibrationBatch; "
                 "normalise the data with calibration_batches(...) first"
             )
+
+
+def progress_bar(batches: Sequence[CalibrationBatch], progress: bool) -> Iterable[CalibrationBatch]:
+    """``batches``, iterated behind the progress bar of a calibration pass when ``progress`` is True."""
+    return tqdm(batches, desc="lowrank.calibrate", unit="batch", disable=not progress)
 
 
 def run_calibration(
@@ -276,12 +312,12 @@ def run_calibration(
         If ``calibration`` is neither kind, or holds no batch.
 
     """
-    _check_calibration(calibration)
+    check_calibration(calibration)
     with torch.set_grad_enabled(grad):
         if not isinstance(calibration, Sequence):
             calibration(model)
             return
-        for batch in tqdm(calibration, desc="lowrank.calibrate", unit="batch", disable=not progress):
+        for batch in progress_bar(calibration, progress):
             if on_batch is not None:
                 on_batch(batch)
             batch.run(model)

@@ -2,8 +2,8 @@
 
 Pure tensor functions, no hooks: they take a weight ``W`` of shape ``(out, in)``
 (``linear_weight(layer)`` for an ``nn.Linear`` or a Hugging Face ``Conv1D``) and
-statistics from :mod:`lowrank.calibrate.statistics`, compute in float64, and
-return the factors ``first (rank, in)`` and ``second (out, rank)`` of
+statistics from :mod:`lowrank.calibrate.inputs` and :mod:`lowrank.calibrate.fisher`,
+compute in float64, and return the factors ``first (rank, in)`` and ``second (out, rank)`` of
 ``W' = second @ first`` in the weight's dtype and on its device, ready for
 :class:`lowrank.nn.LowRankLinear`.
 
@@ -16,6 +16,8 @@ weighting such as the Fisher of :func:`collect_output_fisher`.
 from __future__ import annotations
 
 import torch
+
+from lowrank.checks import check_ranks
 
 _F64 = torch.float64
 
@@ -34,14 +36,6 @@ def _check_matrix(x: torch.Tensor, name: str, shape: tuple[int, ...] | None = No
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} holds NaN or Inf")
     return x
-
-
-def _check_rank(rank: int, out_features: int, in_features: int) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(out_features, in_features):
-        raise ValueError(
-            f"rank must be an integer in [1, {min(out_features, in_features)}] for a {out_features}x{in_features} "
-            f"weight, got {rank!r}"
-        )
 
 
 def cholesky_factor(gram: torch.Tensor, *, damping: float = 0.0, max_tries: int = 12) -> torch.Tensor:
@@ -189,7 +183,10 @@ def whitened_low_rank(
     """
     _check_matrix(weight, "weight")
     out_features, in_features = weight.shape
-    _check_rank(rank, out_features, in_features)
+    bound = min(out_features, in_features)
+    (rank,) = check_ranks(
+        rank, [bound], name=f"rank (an int in [1, {bound}])", what=[f"a {out_features}x{in_features} weight"]
+    )
     _check_matrix(gram, "gram", (in_features, in_features))
     w = weight.detach().to(_F64)
     s_in = cholesky_factor(gram.detach().to(w.device), damping=damping)
@@ -240,7 +237,10 @@ def asvd_low_rank(
     """
     _check_matrix(weight, "weight")
     out_features, in_features = weight.shape
-    _check_rank(rank, out_features, in_features)
+    bound = min(out_features, in_features)
+    (rank,) = check_ranks(
+        rank, [bound], name=f"rank (an int in [1, {bound}])", what=[f"a {out_features}x{in_features} weight"]
+    )
     _check_matrix(abs_mean, "abs_mean", (in_features,))
     if (abs_mean < 0).any():
         raise ValueError("abs_mean must be non-negative (a mean absolute value per input channel)")

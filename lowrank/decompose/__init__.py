@@ -28,9 +28,9 @@ from lowrank.decompose.factorizations import (
     TTMatrix,
     Tucker,
 )
-from lowrank.decompose.search import tn
 from lowrank.decompose.svd import svd
-from lowrank.decompose.tn import tn_adam, tn_als
+from lowrank.decompose.tn_fit import tn_adam, tn_als
+from lowrank.decompose.tn_search import tn
 from lowrank.decompose.tr import tr
 from lowrank.decompose.tt import tt, tt_matrix, tt_round
 from lowrank.decompose.tucker import tucker

@@ -7,15 +7,8 @@ from typing import Any
 
 import torch
 
-from lowrank.decompose._checks import (
-    check_method,
-    check_nonnegative,
-    check_positive_int,
-    check_ranks,
-    check_tol,
-    checked_input,
-    make_generator,
-)
+from lowrank.checks import check_choice, check_int, check_nonnegative, check_ranks, check_tol
+from lowrank.decompose._inputs import checked_input, make_generator
 from lowrank.decompose._linalg import leading_left_subspace, unfold
 from lowrank.decompose.factorizations import CP
 
@@ -112,8 +105,8 @@ def cp(
         raise ValueError(f"x must have at least 2 modes for a CP decomposition, got shape {tuple(x.shape)}")
     max_rank = x.numel() // max(x.shape)
     (rank,) = check_ranks(rank, [max_rank], what=[f"a tensor of shape {tuple(x.shape)}"])
-    check_method(init, ("svd", "random"), name="init")
-    n_iter_max = check_positive_int(n_iter_max, "n_iter_max")
+    check_choice(init, ("svd", "random"), "init")
+    n_iter_max = check_int(n_iter_max, "n_iter_max")
     stop_tol = check_nonnegative(stop_tol, "stop_tol")
     tol = check_tol(tol)
 

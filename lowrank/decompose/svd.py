@@ -6,15 +6,8 @@ from typing import Any
 
 import torch
 
-from lowrank.decompose._checks import (
-    check_method,
-    check_ndim,
-    check_positive_int,
-    check_ranks,
-    check_tol,
-    checked_input,
-    make_generator,
-)
+from lowrank.checks import check_choice, check_int, check_ranks, check_tol
+from lowrank.decompose._inputs import check_ndim, checked_input, make_generator
 from lowrank.decompose._linalg import leading_left_subspace, rank_for_tol, symmetric_eig_desc
 from lowrank.decompose.factorizations import SVD
 
@@ -147,10 +140,10 @@ def svd(
     """
     x, a, sq_norm, scale = checked_input(x)
     check_ndim(x, "x", exact=2)
-    check_method(method, SVD_METHODS)
+    check_choice(method, SVD_METHODS, "method")
     tol = check_tol(tol)
-    n_iter = check_positive_int(n_iter, "n_iter", minimum=0)
-    n_oversamples = check_positive_int(n_oversamples, "n_oversamples", minimum=0)
+    n_iter = check_int(n_iter, "n_iter", minimum=0)
+    n_oversamples = check_int(n_oversamples, "n_oversamples", minimum=0)
     max_rank = min(x.shape)
     if rank is None and tol is None:
         raise ValueError("svd needs rank= (an int) or tol= (a relative error in (0, 1))")

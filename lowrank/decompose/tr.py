@@ -8,14 +8,8 @@ from typing import Any
 
 import torch
 
-from lowrank.decompose._checks import (
-    check_method,
-    check_nonnegative,
-    check_positive_int,
-    check_ranks,
-    checked_input,
-    make_generator,
-)
+from lowrank.checks import check_choice, check_int, check_nonnegative, check_ranks
+from lowrank.decompose._inputs import checked_input, make_generator
 from lowrank.decompose.factorizations import TR, contract_chain
 from lowrank.decompose.svd import truncated_svd
 
@@ -162,9 +156,9 @@ def tr(
     bounds += [min(math.prod(shape[:k]), math.prod(shape[k:])) for k in range(1, len(shape))]
     what = [f"bond {k} (at most {b} for shape {shape})" for k, b in enumerate(bounds)]
     ranks = check_ranks(rank, bounds, what=what, clip=clip)
-    check_method(method, TR_METHODS)
-    n_init = check_positive_int(n_init, "n_init")
-    n_iter_max = check_positive_int(n_iter_max, "n_iter_max")
+    check_choice(method, TR_METHODS, "method")
+    n_init = check_int(n_init, "n_init")
+    n_iter_max = check_int(n_iter_max, "n_iter_max")
     stop_tol = check_nonnegative(stop_tol, "stop_tol")
 
     generator = make_generator(seed, x.device)

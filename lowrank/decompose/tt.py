@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from lowrank.decompose._checks import check_ranks, check_tol, checked_input, make_generator
+from lowrank.checks import check_ranks, check_tol
+from lowrank.decompose._inputs import checked_input, make_generator
 from lowrank.decompose._linalg import leading_left_subspace
 from lowrank.decompose.factorizations import TT, TTMatrix
 from lowrank.decompose.svd import truncated_svd

@@ -8,15 +8,8 @@ from typing import Any
 
 import torch
 
-from lowrank.decompose._checks import (
-    check_method,
-    check_nonnegative,
-    check_positive_int,
-    check_ranks,
-    check_tol,
-    checked_input,
-    make_generator,
-)
+from lowrank.checks import check_choice, check_int, check_nonnegative, check_ranks, check_tol
+from lowrank.decompose._inputs import checked_input, make_generator
 from lowrank.decompose._linalg import (
     mode_gram,
     mode_product,
@@ -243,14 +236,14 @@ def tucker(
     if x.ndim < 2:
         raise ValueError(f"x must have at least 2 modes for a Tucker decomposition, got shape {tuple(x.shape)}")
     modes = check_modes(modes, x.ndim)
-    check_method(method, TUCKER_METHODS)
-    check_method(init, ("svd", "random"), name="init")
-    check_method(subspace, SUBSPACE_METHODS, name="subspace")
+    check_choice(method, TUCKER_METHODS, "method")
+    check_choice(init, ("svd", "random"), "init")
+    check_choice(subspace, SUBSPACE_METHODS, "subspace")
     tol = check_tol(tol)
-    n_iter_max = check_positive_int(n_iter_max, "n_iter_max")
+    n_iter_max = check_int(n_iter_max, "n_iter_max")
     stop_tol = check_nonnegative(stop_tol, "stop_tol")
     stop_rtol = check_nonnegative(stop_rtol, "stop_rtol")
-    n_oversamples = check_positive_int(n_oversamples, "n_oversamples", minimum=0)
+    n_oversamples = check_int(n_oversamples, "n_oversamples", minimum=0)
     if rank is None and tol is None:
         raise ValueError("tucker needs rank= (an int or one int per mode) or tol= (a relative error in (0, 1))")
     ranks = None

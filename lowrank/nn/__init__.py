@@ -1,65 +1,38 @@
 """Factorized layers: modules that replace a dense layer and compute with its factors.
 
-Each is a :class:`FactorizedModule`: built from a dense layer (``from_dense``),
-rebuilt empty from its ``config()``, and turned back into a dense layer with
-``to_dense()``.
+Each is a :class:`FactorizedModule`: built from a dense layer at a rank
+(``from_dense``), sized to a parameter budget (``rank_for_budget``), rebuilt
+empty from its ``config()``, and turned back into a dense layer with
+``to_dense()``. :data:`METHODS` maps method names, per layer kind, to them.
+
+The submodules each hold one idea: ``linear``, ``embedding``, ``conv/``
+(``tucker2``, ``cp``, ``svd``), ``tt`` and ``tn`` the modules; ``base`` their
+interface; ``registry`` the method names; ``dense`` facts about the dense
+layers they replace (weights, kinds, costs); ``tensorize`` the tensor view of
+a linear weight; ``surgery`` swapping modules and freezing parameters.
 """
 
-from lowrank.nn.base import (
-    FactorizedModule,
-    UnsupportedLayerError,
-    conv_output_shape,
-    dense_flops,
-    swap_modules,
-    weight_ratio,
-)
-from lowrank.nn.conv import (
-    CPConv,
-    SVDConv,
-    Tucker2Conv,
-    cp_rank_for_ratio,
-    svd_rank_for_ratio,
-    tucker2_ranks_for_ratio,
-)
+from lowrank.nn.base import FactorizedModule, UnsupportedLayerError
+from lowrank.nn.conv import CPConv, SVDConv, Tucker2Conv
 from lowrank.nn.embedding import LowRankEmbedding
-from lowrank.nn.linear import LowRankLinear, is_hf_conv1d, linear_rank_for_ratio, linear_weight
-from lowrank.nn.tn import TNLinear, tensorize_weight
-from lowrank.nn.tt import TTLinear, tt_rank_for_ratio
-
-MODULES: dict[str, type[FactorizedModule]] = {
-    cls.__name__: cls for cls in (LowRankLinear, LowRankEmbedding, Tucker2Conv, CPConv, SVDConv, TTLinear, TNLinear)
-}
-
-
-def module_class(name: str) -> type[FactorizedModule]:
-    """The factorized module class called ``name`` (as recorded in a saved plan)."""
-    if name not in MODULES:
-        raise ValueError(f"unknown factorized module {name!r}; known: {', '.join(MODULES)}")
-    return MODULES[name]
-
+from lowrank.nn.linear import LowRankLinear
+from lowrank.nn.registry import METHODS, MODULES, Method, module_class, resolve_methods
+from lowrank.nn.tn import TNLinear
+from lowrank.nn.tt import TTLinear
 
 __all__ = [
+    "METHODS",
     "MODULES",
     "CPConv",
     "FactorizedModule",
     "LowRankEmbedding",
     "LowRankLinear",
+    "Method",
     "SVDConv",
     "TNLinear",
     "TTLinear",
     "Tucker2Conv",
     "UnsupportedLayerError",
-    "conv_output_shape",
-    "cp_rank_for_ratio",
-    "dense_flops",
-    "is_hf_conv1d",
-    "linear_rank_for_ratio",
-    "linear_weight",
     "module_class",
-    "svd_rank_for_ratio",
-    "swap_modules",
-    "tensorize_weight",
-    "tt_rank_for_ratio",
-    "tucker2_ranks_for_ratio",
-    "weight_ratio",
+    "resolve_methods",
 ]

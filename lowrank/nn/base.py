@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+# What a module's rank is: an int (a matrix rank, a CP rank, a TT bond rank), or one int per entry
+# (Tucker-2's (r_out, r_in), a TT's bonds).
+Rank = int | tuple[int, ...]
 
 
 class FactorizedModule(nn.Module):
@@ -19,15 +21,51 @@ class FactorizedModule(nn.Module):
     - is built empty from plain shapes and ranks (``cls(**module.config())``
       rebuilds a module of the same structure, which is how :func:`lowrank.load`
       re-applies a saved plan before loading the factors);
-    - has a ``from_dense(layer, ...)`` classmethod (or a ``from_factorization``
-      one) that fills the factors from a dense layer;
+    - builds itself from a dense layer at a rank, ``cls.from_dense(layer, rank)``,
+      and says which rank fits a parameter budget, ``cls.rank_for_budget(layer,
+      max_params)``, the two class methods every job uses to factorize a layer
+      (see :mod:`lowrank.nn.registry`);
+    - names the matrices whose singular values a rank policy reads
+      (``cls.rank_matrices(layer)``);
     - rebuilds an equivalent dense layer with :meth:`to_dense`;
     - counts its parameters (:attr:`num_params`) and estimates its forward
       cost (:meth:`flops`).
     """
 
+    @classmethod
+    def from_dense(cls, layer: nn.Module, rank: Any, **options: Any) -> FactorizedModule:
+        """The factorized replacement of ``layer`` at ``rank``, on its device and in its dtype.
+
+        ``options`` go to the decomposition; ``layer`` is not modified.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def rank_for_budget(cls, layer: nn.Module, max_params: int, **options: Any) -> Any:
+        """The largest rank whose module (factors and bias) holds at most ``max_params`` parameters.
+
+        None when not even the smallest rank fits. ``options`` are those of
+        :meth:`from_dense` that change the module's size.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def rank_matrices(cls, layer: nn.Module, **options: Any) -> list[torch.Tensor]:
+        """The matrices whose truncation ranks are this module's ranks, one per rank entry.
+
+        A rank policy reads their singular values (:meth:`lowrank.rank.RankPolicy.choose`).
+        Empty when the rank is no matrix's truncation (CP, tensor trains and
+        networks), where only fixed ranks and budgets apply.
+        """
+        return []
+
     def config(self) -> dict[str, Any]:
         """The keyword arguments of ``__init__`` that rebuild this module's structure (JSON-able)."""
+        raise NotImplementedError
+
+    @property
+    def reported_rank(self) -> Rank:
+        """The rank a compression report shows for this module."""
         raise NotImplementedError
 
     def to_dense(self) -> nn.Module:
@@ -57,61 +95,9 @@ class FactorizedModule(nn.Module):
         return next(self.parameters()).dtype
 
 
-def conv_output_size(size: int, kernel: int, stride: int, padding: int | str, dilation: int) -> int:
-    """Length of one spatial dimension after a convolution (``padding`` an int, ``"same"`` or ``"valid"``)."""
-    if padding == "same":
-        return size
-    pad = 0 if padding == "valid" else 2 * int(padding)
-    return (size + pad - dilation * (kernel - 1) - 1) // stride + 1
-
-
-def conv_output_shape(conv: nn.modules.conv._ConvNd, spatial: tuple[int, ...]) -> tuple[int, ...]:
-    """Spatial output shape of ``conv`` on an input of spatial shape ``spatial``."""
-    paddings = [conv.padding] * len(spatial) if isinstance(conv.padding, str) else conv.padding
-    return tuple(
-        conv_output_size(n, k, s, p, d)
-        for n, k, s, p, d in zip(spatial, conv.kernel_size, conv.stride, paddings, conv.dilation)
-    )
-
-
-def dense_flops(layer: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulate operations of a dense layer's forward on an input of ``input_shape``.
-
-    ``nn.Linear`` and Hugging Face's ``Conv1D`` cost one MAC per weight entry and
-    token, ``nn.ConvNd`` one per weight entry and output position (over the
-    groups), ``nn.Embedding`` none (a lookup).
-    """
-    if isinstance(layer, nn.Embedding):
-        return 0
-    if isinstance(layer, nn.modules.conv._ConvNd):
-        positions = input_shape[0] * math.prod(conv_output_shape(layer, tuple(input_shape[2:])))
-        return positions * layer.weight.numel()
-    return math.prod(input_shape[:-1]) * layer.weight.numel()
-
-
 class UnsupportedLayerError(ValueError):
     """A layer whose structure a factorized module cannot represent (e.g. a depthwise conv for Tucker-2).
 
     :func:`lowrank.compress` leaves such a layer dense and records the message
     as its skip reason; any other error aborts the compression.
     """
-
-
-def swap_modules(model: nn.Module, replacements: Sequence[tuple[str, nn.Module]]) -> None:
-    """Set each named submodule of ``model`` to its replacement, all or none."""
-    done = []
-    try:
-        for name, new in replacements:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            done.append((parent, child, getattr(parent, child)))
-            setattr(parent, child, new)
-    except Exception:
-        for parent, child, old in reversed(done):
-            setattr(parent, child, old)
-        raise
-
-
-def weight_ratio(ratio: float, weight_size: int, bias_size: int) -> float:
-    """The fraction of its own parameters a weight keeps when ``ratio`` covers weight and bias, the bias kept whole."""
-    return (ratio * (weight_size + bias_size) - bias_size) / weight_size

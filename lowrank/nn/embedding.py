@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from lowrank.checks import check_ranks
 from lowrank.decompose import svd
 from lowrank.nn.base import FactorizedModule, UnsupportedLayerError
+from lowrank.rank.budget import budget_rank
 
 
 class LowRankEmbedding(FactorizedModule):
@@ -46,8 +48,7 @@ class LowRankEmbedding(FactorizedModule):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not 1 <= rank:
-            raise ValueError(f"rank must be at least 1, got {rank}")
+        (rank,) = check_ranks(rank, [None], what=["a LowRankEmbedding"])
         self.num_embeddings, self.embedding_dim, self.rank = num_embeddings, embedding_dim, rank
         self.padding_idx, self.scale_grad_by_freq, self.sparse = padding_idx, scale_grad_by_freq, sparse
         self.table = nn.Parameter(torch.empty(num_embeddings, rank, device=device, dtype=dtype))
@@ -74,6 +75,22 @@ class LowRankEmbedding(FactorizedModule):
             module.table.copy_(factorization.u * factorization.s)
             module.projection.copy_(factorization.vh.T)
         return module
+
+    @classmethod
+    def rank_for_budget(cls, layer: nn.Embedding, max_params: int) -> int | None:
+        """The largest rank with ``rank * (num_embeddings + embedding_dim) <= max_params`` (None: none fits)."""
+        rows, cols = layer.weight.shape
+        return budget_rank(max_params, rows + cols, max_rank=min(rows, cols)) or None
+
+    @classmethod
+    def rank_matrices(cls, layer: nn.Embedding) -> list[torch.Tensor]:
+        """The ``(num_embeddings, embedding_dim)`` table, whose truncation the rank is."""
+        return [layer.weight.detach()]
+
+    @property
+    def reported_rank(self) -> int:
+        """The rank."""
+        return self.rank
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         """Look up ``table`` rows and project them to ``embedding_dim``."""

@@ -9,41 +9,11 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from lowrank.checks import check_choice, check_ranks
 from lowrank.decompose import SVD, svd
 from lowrank.nn.base import FactorizedModule
-
-LINEAR_TYPES = ("Linear", "Conv1D")
-
-
-def is_hf_conv1d(layer: nn.Module) -> bool:
-    """Whether ``layer`` is Hugging Face's ``Conv1D`` (GPT-2 style linear, weight stored ``(in, out)``)."""
-    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf") and hasattr(layer, "nx")
-
-
-def linear_weight(layer: nn.Module) -> torch.Tensor:
-    """The ``(out_features, in_features)`` weight of an ``nn.Linear`` or a Hugging Face ``Conv1D``."""
-    if is_hf_conv1d(layer):
-        return layer.weight.T
-    if isinstance(layer, nn.Linear):
-        return layer.weight
-    raise TypeError(f"expected an nn.Linear or a Hugging Face Conv1D, got {type(layer).__name__}")
-
-
-def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dense_type: str = "Linear") -> nn.Module:
-    """An ``nn.Linear`` (or a Hugging Face ``Conv1D``) holding an ``(out, in)`` weight and a bias."""
-    out_features, in_features = weight.shape
-    if dense_type == "Conv1D":
-        from transformers.pytorch_utils import Conv1D
-
-        dense = Conv1D(out_features, in_features).to(weight)
-        weight = weight.T
-    else:
-        dense = nn.Linear(in_features, out_features, bias is not None, weight.device, weight.dtype)
-    with torch.no_grad():
-        dense.weight.copy_(weight)
-        if bias is not None:
-            dense.bias.copy_(bias)
-    return dense
+from lowrank.nn.dense import LINEAR_TYPES, bias_size, dense_linear, linear_type, linear_weight
+from lowrank.rank.budget import budget_rank
 
 
 class LowRankLinear(FactorizedModule):
@@ -89,10 +59,8 @@ class LowRankLinear(FactorizedModule):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if dense_type not in LINEAR_TYPES:
-            raise ValueError(f"dense_type must be one of {LINEAR_TYPES}, got {dense_type!r}")
-        if not 1 <= rank:
-            raise ValueError(f"rank must be at least 1, got {rank}")
+        check_choice(dense_type, LINEAR_TYPES, "dense_type")
+        (rank,) = check_ranks(rank, [None], what=["a LowRankLinear"])
         self.in_features, self.out_features, self.rank, self.dense_type = in_features, out_features, rank, dense_type
         kwargs = {"device": device, "dtype": dtype}
         self.first = nn.Parameter(torch.empty(rank, in_features, **kwargs))
@@ -158,9 +126,33 @@ class LowRankLinear(FactorizedModule):
         """
         weight = linear_weight(layer).detach()
         factorization = svd(weight, rank, **svd_options)
-        dense_type = "Conv1D" if is_hf_conv1d(layer) else "Linear"
         bias = None if layer.bias is None else layer.bias.detach()
-        return cls.from_factorization(factorization, bias, dense_type)
+        return cls.from_factorization(factorization, bias, linear_type(layer))
+
+    @classmethod
+    def rank_for_budget(cls, layer: nn.Module, max_params: int) -> int | None:
+        """The largest rank with ``rank * (in + out) + bias <= max_params`` (None when not even rank 1 fits).
+
+        Examples
+        --------
+        >>> import torch
+        >>> LowRankLinear.rank_for_budget(torch.nn.Linear(32, 64), 1056)   # half of 64 * 32 + 64
+        10
+
+        """
+        out_features, in_features = linear_weight(layer).shape
+        rank = budget_rank(max_params, out_features + in_features, bias_size(layer), min(out_features, in_features))
+        return rank or None
+
+    @classmethod
+    def rank_matrices(cls, layer: nn.Module) -> list[torch.Tensor]:
+        """The ``(out, in)`` weight, whose truncation the rank is."""
+        return [linear_weight(layer).detach()]
+
+    @property
+    def reported_rank(self) -> int:
+        """The rank."""
+        return self.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(x @ first.T) @ second.T + bias``."""
@@ -203,8 +195,3 @@ class LowRankLinear(FactorizedModule):
             f"bias={self.bias is not None}"
         )
 
-
-def linear_rank_for_ratio(out_features: int, in_features: int, ratio: float) -> int:
-    """Largest rank whose two factors hold at most ``ratio`` of the ``out x in`` weight's parameters (0 if none)."""
-    return max(0, min(math.floor(ratio * out_features * in_features / (out_features + in_features)),
-                      out_features, in_features))

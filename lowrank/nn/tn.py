@@ -10,23 +10,12 @@ import opt_einsum
 import torch
 from torch import nn
 
+from lowrank.checks import check_choice, check_int
 from lowrank.decompose import TensorNetwork, tn
 from lowrank.decompose.factorizations import network_expression, network_subscripts
 from lowrank.nn.base import FactorizedModule
-from lowrank.nn.linear import LINEAR_TYPES, dense_linear, is_hf_conv1d, linear_weight
-from lowrank.nn.tt import _check_shape, _tensorized_shapes
-
-
-def tensorize_weight(weight: torch.Tensor, out_shape: Sequence[int], in_shape: Sequence[int]) -> torch.Tensor:
-    """An ``(out, in)`` weight as a ``d``-way tensor whose mode ``k`` pairs ``out_shape[k]`` with ``in_shape[k]``.
-
-    Mode ``k`` has size ``out_shape[k] * in_shape[k]`` and its index is
-    ``o_k * in_shape[k] + i_k`` (the layout of a TT-matrix core).
-    """
-    d = len(out_shape)
-    tensor = weight.reshape(*out_shape, *in_shape)
-    tensor = tensor.permute([p for k in range(d) for p in (k, d + k)])
-    return tensor.reshape([m * n for m, n in zip(out_shape, in_shape)])
+from lowrank.nn.dense import LINEAR_TYPES, bias_size, dense_linear, linear_type, linear_weight
+from lowrank.nn.tensorize import factor_shape, tensorize_weight, tensorized_shapes
 
 
 def _checked_bonds(bonds: Sequence[Sequence[int]], d: int) -> tuple[tuple[int, int, int], ...]:
@@ -96,13 +85,11 @@ class TNLinear(FactorizedModule):
         n_internal: int = 0,
     ) -> None:
         super().__init__()
-        in_shape, out_shape = _check_shape(in_shape, "in_shape"), _check_shape(out_shape, "out_shape")
+        in_shape, out_shape = factor_shape(in_shape, "in_shape"), factor_shape(out_shape, "out_shape")
         if len(in_shape) != len(out_shape):
             raise ValueError(f"in_shape {in_shape} and out_shape {out_shape} must have the same length")
-        if dense_type not in LINEAR_TYPES:
-            raise ValueError(f"dense_type must be one of {LINEAR_TYPES}, got {dense_type!r}")
-        if isinstance(n_internal, bool) or not isinstance(n_internal, int) or n_internal < 0:
-            raise ValueError(f"n_internal must be an int >= 0, got {n_internal!r}")
+        check_choice(dense_type, LINEAR_TYPES, "dense_type")
+        check_int(n_internal, "n_internal", minimum=0)
         d = len(in_shape)
         n_cores = d + n_internal
         self.in_shape, self.out_shape, self.dense_type = in_shape, out_shape, dense_type
@@ -178,32 +165,36 @@ class TNLinear(FactorizedModule):
     def from_dense(
         cls,
         layer: nn.Module,
+        rank: int | None = None,
+        *,
         out_shape: Sequence[int] | None = None,
         in_shape: Sequence[int] | None = None,
-        *,
-        max_params: int | None = None,
-        tol: float | None = None,
         d: int | None = None,
+        tol: float | None = None,
         **search_options: Any,
     ) -> TNLinear:
         """Search a network for an ``nn.Linear`` or Hugging Face ``Conv1D`` weight.
+
+        A network's rank is its structure, which the search finds; what it is
+        given is the budget: ``rank`` is the most parameters its cores may hold.
 
         Parameters
         ----------
         layer : nn.Linear or transformers Conv1D
             The dense layer; it is not modified.
+        rank : int, optional
+            The most parameters the cores may hold (the bias is not counted;
+            :meth:`rank_for_budget` gives it for a budget that counts it).
         out_shape, in_shape : sequence of int, optional
             Factorisations of ``out_features`` and ``in_features``; a missing
-            one is :func:`lowrank.nn.tt.balanced_factorization` of the features into ``d``.
-        max_params : int, optional
-            Budget of the cores (the bias is not counted).
-        tol : float, optional
-            Relative weight error at which the search stops. At least one of
-            ``max_params`` and ``tol`` is required.
+            one is :func:`lowrank.nn.tensorize.balanced_factorization` of the features into ``d``.
         d : int, optional
             Number of cores when a shape is not given (default 3).
+        tol : float, optional
+            Relative weight error at which the search stops. At least one of
+            ``rank`` and ``tol`` is required.
         **search_options
-            Passed on to :func:`lowrank.decompose.tn` (``time_limit=``, ``seed=``, ...).
+            Passed on to :func:`lowrank.decompose.tn` (``growth=``, ``time_limit=``, ``seed=``, ...).
 
         Returns
         -------
@@ -211,13 +202,45 @@ class TNLinear(FactorizedModule):
             On the layer's device, in its dtype, with the layer's bias.
 
         """
-        if max_params is None and tol is None:
-            raise ValueError("give max_params= (a budget for the cores) or tol= (a relative weight error), or both")
+        if rank is None and tol is None:
+            raise ValueError("give rank= (a budget for the cores) or tol= (a relative weight error), or both")
         weight = linear_weight(layer).detach()
-        out_shape, in_shape = _tensorized_shapes(tuple(weight.shape), out_shape, in_shape, d)
-        network = tn(tensorize_weight(weight, out_shape, in_shape), tol=tol, max_params=max_params, **search_options)
+        out_shape, in_shape = tensorized_shapes(tuple(weight.shape), out_shape, in_shape, d)
+        network = tn(tensorize_weight(weight, out_shape, in_shape), tol=tol, max_params=rank, **search_options)
         bias = None if layer.bias is None else layer.bias.detach()
-        return cls.from_network(network, out_shape, in_shape, bias, "Conv1D" if is_hf_conv1d(layer) else "Linear")
+        return cls.from_network(network, out_shape, in_shape, bias, linear_type(layer))
+
+    @classmethod
+    def rank_for_budget(
+        cls,
+        layer: nn.Module,
+        max_params: int,
+        *,
+        out_shape: Sequence[int] | None = None,
+        in_shape: Sequence[int] | None = None,
+        d: int | None = None,
+    ) -> int | None:
+        """The cores' budget when the layer (cores and bias) may hold ``max_params`` parameters.
+
+        None when it cannot hold even the network with every rank one (one
+        ``m_k * n_k`` core per mode).
+
+        Examples
+        --------
+        >>> import torch
+        >>> layer = torch.nn.Linear(64, 64)   # tensorised as (4, 4, 4) x (4, 4, 4): three cores of 16 at least
+        >>> TNLinear.rank_for_budget(layer, 1000), TNLinear.rank_for_budget(layer, 100)
+        (936, None)
+
+        """
+        out_shape, in_shape = tensorized_shapes(tuple(linear_weight(layer).shape), out_shape, in_shape, d)
+        budget = max_params - bias_size(layer)
+        return budget if budget >= sum(m * n for m, n in zip(out_shape, in_shape)) else None
+
+    @property
+    def reported_rank(self) -> tuple[int, ...]:
+        """The rank of every bond, in the order of :attr:`bonds`."""
+        return tuple(rank for _, _, rank in self.bonds)
 
     @property
     def network(self) -> TensorNetwork:
@@ -267,14 +290,22 @@ class TNLinear(FactorizedModule):
     def flops(self, input_shape: tuple[int, ...]) -> int:
         """Multiply-accumulates of the forward's contraction path on an input of ``input_shape``.
 
-        ``opt_einsum`` counts a product and an addition per multiply-accumulate
-        of a pairwise contraction; this is half its count.
+        Each pairwise contraction of the path costs the product of the sizes of
+        all the indices of its two operands. A step on one operand only sums
+        away an internal core's own index of size one, which multiplies
+        nothing (``opt_einsum``'s own cost counts it, and counts two operations
+        per multiply-accumulate).
         """
         if not input_shape or input_shape[-1] != self.in_features:
             raise ValueError(f"input_shape must end in in_features={self.in_features}, got {tuple(input_shape)}")
         shapes = self._operand_shapes(math.prod(input_shape[:-1]))
         _, info = opt_einsum.contract_path(self._equation, *shapes, shapes=True, optimize="dp")
-        return int(info.opt_cost) // 2
+        total = 0
+        for step in info.contraction_list:
+            operands = step[2].split("->")[0].split(",")
+            if len(operands) > 1:
+                total += math.prod(info.size_dict[index] for index in set("".join(operands)))
+        return total
 
     def extra_repr(self) -> str:
         """Shapes, bonds and bias."""

@@ -11,128 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank.checks import check_choice, check_ranks
 from lowrank.decompose import TTMatrix, tt_matrix
 from lowrank.decompose.tt import tt_bounds
 from lowrank.nn.base import FactorizedModule
-from lowrank.nn.linear import LINEAR_TYPES, dense_linear, is_hf_conv1d, linear_weight
-
-
-def balanced_factorization(n: int, d: int) -> tuple[int, ...]:
-    """Split ``n`` into ``d`` integer factors that are as equal as possible.
-
-    Among all ways of writing ``n`` as a product of ``d`` positive integers,
-    the one with the smallest largest factor is returned (ties broken by the
-    second largest, and so on), sorted in increasing order. A prime ``n`` can
-    only be split as ``(1, ..., 1, n)``.
-
-    Parameters
-    ----------
-    n : int
-        The number to factor, at least 1.
-    d : int
-        The number of factors, at least 1.
-
-    Returns
-    -------
-    tuple of int
-        ``d`` factors in increasing order whose product is ``n``.
-
-    Examples
-    --------
-    >>> balanced_factorization(1024, 5)
-    (4, 4, 4, 4, 4)
-    >>> balanced_factorization(768, 3), balanced_factorization(3072, 3)
-    ((8, 8, 12), (12, 16, 16))
-
-    """
-    for name, value in (("n", n), ("d", d)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    small = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0]
-    divisors = sorted(set(small + [n // k for k in small]))
-    best: tuple[int, ...] | None = None
-
-    def search(rest: int, count: int, low: int, prefix: tuple[int, ...]) -> None:
-        # Non-decreasing factors only, so that each split is visited once.
-        nonlocal best
-        if count == 1:
-            candidate = (*prefix, rest)
-            if rest >= low and (best is None or candidate[::-1] < best[::-1]):
-                best = candidate
-            return
-        for factor in divisors:
-            if factor**count > rest:
-                break
-            if factor >= low and rest % factor == 0:
-                search(rest // factor, count - 1, factor, (*prefix, factor))
-
-    search(n, d, 1, ())
-    return best
-
-
-def _tensorized_shapes(
-    weight_shape: tuple[int, int], out_shape: Sequence[int] | None, in_shape: Sequence[int] | None, d: int | None
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The ``(out_shape, in_shape)`` of a ``(out_features, in_features)`` weight, balanced where not given."""
-    given = [len(shape) for shape in (out_shape, in_shape) if shape is not None]
-    if d is None:
-        d = given[0] if given else 3
-    if any(length != d for length in given):
-        raise ValueError(f"out_shape {out_shape} and in_shape {in_shape} must both have d={d} factors")
-    shapes = []
-    for name, shape, features in zip(("out_shape", "in_shape"), (out_shape, in_shape), weight_shape):
-        shape = balanced_factorization(features, d) if shape is None else _check_shape(shape, name)
-        if math.prod(shape) != features:
-            raise ValueError(
-                f"{name} {shape} multiplies to {math.prod(shape)}, not to the layer's "
-                f"{name.removesuffix('_shape')}_features={features}"
-            )
-        shapes.append(shape)
-    return shapes[0], shapes[1]
-
-
-def tt_rank_for_ratio(layer: nn.Module, ratio: float, d: int = 3) -> int:
-    """The largest rank (the same on every bond) whose TT cores keep at most ``ratio`` of a layer's weight.
-
-    The shapes are those :meth:`TTLinear.from_dense` picks by default
-    (:func:`balanced_factorization` of both feature counts into ``d``), and
-    the rank is at most the smallest bond's bound, so that
-    ``TTLinear.from_dense(layer, rank=tt_rank_for_ratio(layer, ratio))`` works.
-
-    Parameters
-    ----------
-    layer : nn.Linear or transformers Conv1D
-        The dense layer.
-    ratio : float
-        Fraction of the weight's parameters the cores may hold (the bias is not counted).
-    d : int
-        The number of cores.
-
-    Returns
-    -------
-    int
-        The rank, or 0 when even rank 1 holds more than ``ratio`` of the weight.
-
-    Examples
-    --------
-    >>> import torch
-    >>> tt_rank_for_ratio(torch.nn.Linear(768, 3072), 0.05)
-    29
-
-    """
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < math.inf:
-        raise ValueError(f"ratio must be a positive number (the fraction of weight parameters kept), got {ratio!r}")
-    weight_shape = tuple(linear_weight(layer).shape)
-    out_shape, in_shape = _tensorized_shapes(weight_shape, None, None, d)
-    sizes = [m * n for m, n in zip(out_shape, in_shape)]
-    budget = ratio * math.prod(weight_shape)
-    best = 0
-    for rank in range(1, min(tt_bounds(sizes)) + 1):
-        if sizes[0] * rank + sum(sizes[1:-1]) * rank**2 + sizes[-1] * rank > budget:
-            break
-        best = rank
-    return best
-
+from lowrank.nn.dense import LINEAR_TYPES, bias_size, dense_linear, linear_type, linear_weight
+from lowrank.nn.tensorize import factor_shape, tensorized_shapes
+from lowrank.rank.budget import largest_fitting
 
 # How many multiply-accumulates writing one element of an intermediate is worth when plans are compared:
 # the sweep's GEMMs are thin and its intermediates large, so on CPU a plan's time follows its memory
@@ -291,29 +176,6 @@ def _bucket(batch: int) -> int:
     return 1 << (max(batch, 1) - 1).bit_length()
 
 
-def _check_shape(shape: Sequence[int], name: str) -> tuple[int, ...]:
-    """A tuple of at least two positive ints, or a ``ValueError`` naming ``name`` and the value."""
-    if (
-        isinstance(shape, (str, bytes))
-        or not isinstance(shape, Sequence)
-        or len(shape) < 2
-        or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape)
-    ):
-        raise ValueError(f"{name} must be a sequence of at least 2 integers >= 1, got {shape!r}")
-    return tuple(shape)
-
-
-def _check_rank(rank: int | Sequence[int], d: int) -> tuple[int, ...]:
-    """The ``d - 1`` internal ranks from an int or a sequence, each an integer >= 1."""
-    ranks = [rank] * (d - 1) if isinstance(rank, int) else rank
-    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence) or len(ranks) != d - 1:
-        raise ValueError(f"rank must be an int or a sequence of {d - 1} ints (one per bond), got {rank!r}")
-    for k, r in enumerate(ranks, start=1):
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"rank of bond {k} must be an integer >= 1, got {r!r}")
-    return tuple(ranks)
-
-
 class TTLinear(FactorizedModule):
     """A linear layer ``y = x W^T + b`` whose weight is a tensor-train matrix.
 
@@ -351,7 +213,7 @@ class TTLinear(FactorizedModule):
     >>> import torch
     >>> from lowrank.nn.tt import TTLinear
     >>> dense = torch.nn.Linear(64, 32)
-    >>> layer = TTLinear.from_dense(dense, out_shape=(4, 8), in_shape=(8, 8), rank=4)
+    >>> layer = TTLinear.from_dense(dense, 4, out_shape=(4, 8), in_shape=(8, 8))
     >>> layer.ranks, layer.num_params
     ((1, 4, 1), 416)
     >>> layer(torch.randn(2, 5, 64)).shape
@@ -370,14 +232,14 @@ class TTLinear(FactorizedModule):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        in_shape, out_shape = _check_shape(in_shape, "in_shape"), _check_shape(out_shape, "out_shape")
+        in_shape, out_shape = factor_shape(in_shape, "in_shape"), factor_shape(out_shape, "out_shape")
         if len(in_shape) != len(out_shape):
             raise ValueError(f"in_shape {in_shape} and out_shape {out_shape} must have the same length")
-        if dense_type not in LINEAR_TYPES:
-            raise ValueError(f"dense_type must be one of {LINEAR_TYPES}, got {dense_type!r}")
+        check_choice(dense_type, LINEAR_TYPES, "dense_type")
         self.in_shape, self.out_shape, self.dense_type = in_shape, out_shape, dense_type
         self.in_features, self.out_features = math.prod(in_shape), math.prod(out_shape)
-        self.ranks = (1, *_check_rank(rank, len(in_shape)), 1)
+        bonds = len(in_shape) - 1
+        self.ranks = (1, *check_ranks(rank, [None] * bonds, what=[f"bond {k}" for k in range(1, bonds + 1)]), 1)
         kwargs = {"device": device, "dtype": dtype}
         self.cores = nn.ParameterList(
             nn.Parameter(torch.empty(self.ranks[k], m, n, self.ranks[k + 1], **kwargs))
@@ -431,12 +293,12 @@ class TTLinear(FactorizedModule):
     def from_dense(
         cls,
         layer: nn.Module,
+        rank: int | Sequence[int] | None = None,
+        *,
         out_shape: Sequence[int] | None = None,
         in_shape: Sequence[int] | None = None,
-        rank: int | Sequence[int] | None = None,
-        tol: float | None = None,
-        *,
         d: int | None = None,
+        tol: float | None = None,
         **tt_options: Any,
     ) -> TTLinear:
         """Decompose an ``nn.Linear`` or Hugging Face ``Conv1D`` weight by TT-SVD.
@@ -445,17 +307,17 @@ class TTLinear(FactorizedModule):
         ----------
         layer : nn.Linear or transformers Conv1D
             The dense layer; it is not modified.
-        out_shape, in_shape : sequence of int, optional
-            Factorisations of ``out_features`` and ``in_features``; a missing
-            one is :func:`balanced_factorization` of the features into ``d``.
         rank : int or sequence of int, optional
             The rank of every bond or of each of the ``d - 1`` bonds, at most
             the rank of the unfolding it cuts (see :func:`lowrank.decompose.tt_matrix`).
-        tol : float, optional
-            Relative error target in (0, 1) instead of (or, with ``rank``, on top of) fixed ranks.
+        out_shape, in_shape : sequence of int, optional
+            Factorisations of ``out_features`` and ``in_features``; a missing
+            one is :func:`lowrank.nn.tensorize.balanced_factorization` of the features into ``d``.
         d : int, optional
             Number of cores when a shape is not given: the length of the given
             shape, else 3.
+        tol : float, optional
+            Relative error target in (0, 1) instead of (or, with ``rank``, on top of) fixed ranks.
         **tt_options
             Passed on to :func:`lowrank.decompose.tt_matrix` (``seed=``, ``clip=``).
 
@@ -472,10 +334,47 @@ class TTLinear(FactorizedModule):
 
         """
         weight = linear_weight(layer).detach()
-        out_shape, in_shape = _tensorized_shapes(tuple(weight.shape), out_shape, in_shape, d)
+        out_shape, in_shape = tensorized_shapes(tuple(weight.shape), out_shape, in_shape, d)
         factorization = tt_matrix(weight, out_shape, in_shape, rank, tol=tol, **tt_options)
         bias = None if layer.bias is None else layer.bias.detach()
-        return cls.from_factorization(factorization, bias, "Conv1D" if is_hf_conv1d(layer) else "Linear")
+        return cls.from_factorization(factorization, bias, linear_type(layer))
+
+    @classmethod
+    def rank_for_budget(
+        cls,
+        layer: nn.Module,
+        max_params: int,
+        *,
+        out_shape: Sequence[int] | None = None,
+        in_shape: Sequence[int] | None = None,
+        d: int | None = None,
+    ) -> int | None:
+        """The largest rank, the same on every bond, whose cores and bias hold at most ``max_params`` parameters.
+
+        The shapes are those :meth:`from_dense` picks for the same arguments,
+        and the rank is at most the smallest bond's bound, so that
+        ``TTLinear.from_dense(layer, TTLinear.rank_for_budget(layer, p))`` works.
+
+        Examples
+        --------
+        >>> import torch
+        >>> TTLinear.rank_for_budget(torch.nn.Linear(768, 3072, bias=False), 117964)   # 5% of the weight
+        29
+
+        """
+        out_shape, in_shape = tensorized_shapes(tuple(linear_weight(layer).shape), out_shape, in_shape, d)
+        sizes = [m * n for m, n in zip(out_shape, in_shape)]
+        budget = max_params - bias_size(layer)
+
+        def cost(rank: int) -> int:
+            return sizes[0] * rank + sum(sizes[1:-1]) * rank**2 + sizes[-1] * rank
+
+        return largest_fitting(cost, budget, min(tt_bounds(sizes))) or None
+
+    @property
+    def reported_rank(self) -> tuple[int, ...]:
+        """The ``d - 1`` internal ranks."""
+        return tuple(self.ranks[1:-1])
 
     def _plan(self, batch: int) -> _Plan:
         """The cheapest plan for ``batch`` rows, chosen once per power of two."""

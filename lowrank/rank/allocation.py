@@ -14,11 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-def _check_count(value: object, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
+from lowrank.checks import check_int
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,10 +55,10 @@ class LayerBudget:
         if not bool(torch.isfinite(scores).all()):
             raise ValueError("scores must be finite")
         object.__setattr__(self, "scores", scores)
-        _check_count(self.params_per_rank, "params_per_rank", 1)
-        _check_count(self.fixed_params, "fixed_params", 0)
-        _check_count(self.dense_params, "dense_params", 0)
-        _check_count(self.max_rank, "max_rank", 0)
+        check_int(self.params_per_rank, "params_per_rank", 1)
+        check_int(self.fixed_params, "fixed_params", 0)
+        check_int(self.dense_params, "dense_params", 0)
+        check_int(self.max_rank, "max_rank", 0)
         if self.max_rank > scores.numel():
             raise ValueError(f"max_rank ({self.max_rank}) exceeds the number of scores ({scores.numel()})")
 
@@ -179,7 +175,7 @@ def allocate_ranks(layers: Sequence[LayerBudget], budget: int) -> list[int | Non
     for layer in layers:
         if not isinstance(layer, LayerBudget):
             raise ValueError(f"layers must be LayerBudget instances, got {type(layer).__name__}")
-    _check_count(budget, "budget", 0)
+    check_int(budget, "budget", 0)
     menus = [layer.options() for layer in layers]
     hulls = [_lower_hull(menu) for menu in menus]
     needed = sum(hull[0][0] for hull in hulls)

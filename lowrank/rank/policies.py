@@ -19,6 +19,8 @@ from typing import ClassVar
 
 import torch
 
+from lowrank.checks import check_fraction, check_int, check_nonnegative
+from lowrank.rank.budget import budget_rank, fraction_budget
 from lowrank.rank.vbmf import check_shape, check_spectrum, vbmf_rank
 
 # WeLore's released code maps threshold 0.175 on the min-max normalised spectrum to a 50% overall
@@ -26,16 +28,11 @@ from lowrank.rank.vbmf import check_shape, check_spectrum, vbmf_rank
 DEFAULT_HEAVY_TAIL_THRESHOLD = 0.175
 
 
-def _is_number(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _check_fraction(value: object, name: str, *, closed_low: bool = False) -> float:
-    """``value`` as a float in ``(0, 1]`` (``[0, 1]`` when ``closed_low``), or a ValueError naming it."""
-    interval = "[0, 1]" if closed_low else "(0, 1]"
-    if not _is_number(value) or not (0.0 <= value <= 1.0 if closed_low else 0.0 < value <= 1.0):
-        raise ValueError(f"{name} must be a fraction in {interval}, got {value!r}")
-    return float(value)
+def _check_threshold(threshold: float, relative: bool) -> float:
+    """A fraction in ``[0, 1]`` of the largest singular value (``relative``), or an absolute value ``>= 0``."""
+    if relative:
+        return check_fraction(threshold, "a relative threshold", low_closed=True)
+    return check_nonnegative(threshold, "an absolute threshold")
 
 
 # ----------------------------------------------------------------------------- rules as functions
@@ -63,13 +60,15 @@ def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     2
 
     """
-    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0:
-        raise ValueError(f"energy must be a fraction in (0, 1], got {energy!r}")
-    squares = check_spectrum(singular_values) ** 2
-    kept = torch.cumsum(squares, 0)
-    total = float(kept[-1])
-    if total == 0.0:
+    check_fraction(energy, "energy")
+    s = check_spectrum(singular_values)
+    top = float(s[0])
+    if top == 0.0:
         return 1
+    # Squared relative to the largest value, so that a huge spectrum does not overflow to inf and a tiny
+    # one does not underflow to 0; the ratios, and so the rank, do not depend on the scale.
+    kept = torch.cumsum((s / top) ** 2, 0)
+    total = float(kept[-1])  # >= 1
     # a relative slack of 1e-12 so that energy=1.0 is met despite rounding in the cumulative sum
     meets = torch.nonzero(kept >= energy * total * (1 - 1e-12))
     return int(meets[0]) + 1
@@ -103,13 +102,18 @@ def threshold_rank(singular_values: torch.Tensor, threshold: float, *, relative:
     3
 
     """
-    if relative:
-        threshold = _check_fraction(threshold, "a relative threshold", closed_low=True)
-    elif not _is_number(threshold) or threshold < 0:
-        raise ValueError(f"an absolute threshold must be a finite number >= 0, got {threshold!r}")
+    threshold = _check_threshold(threshold, relative)
     s = check_spectrum(singular_values)
-    cut = threshold * float(s[0]) if relative else float(threshold)
-    return int((s > cut).sum())
+    if not relative:
+        return int((s > threshold).sum())
+    top = float(s[0])
+    if top == 0.0:
+        return 0
+    if threshold == 0.0:  # every non-zero value, however small next to the largest (s / top may underflow)
+        return int((s > 0).sum())
+    # Compared relative to the largest value: ``threshold * top`` would round to the coarse grid of
+    # subnormal numbers for a tiny spectrum, and the ratios do not depend on the scale.
+    return int((s / top > threshold).sum())
 
 
 def stable_rank(singular_values: torch.Tensor) -> int:
@@ -135,9 +139,12 @@ def stable_rank(singular_values: torch.Tensor) -> int:
 
     """
     s = check_spectrum(singular_values)
-    if float(s[0]) == 0.0:
+    top = float(s[0])
+    if top == 0.0:
         return 0
-    ratio = float((s * s).sum()) / float(s[0]) ** 2
+    # Divided by the largest value before squaring: ``top ** 2`` underflows to 0 below about 1e-154 and
+    # overflows to inf above about 1e154.
+    ratio = float(((s / top) ** 2).sum())
     return min(max(math.ceil(ratio * (1 - 1e-12)), 1), s.numel())
 
 
@@ -176,7 +183,7 @@ def heavy_tail_rank(singular_values: torch.Tensor, threshold: float = DEFAULT_HE
     2
 
     """
-    threshold = _check_fraction(threshold, "threshold", closed_low=True)
+    threshold = check_fraction(threshold, "threshold", low_closed=True)
     s = check_spectrum(singular_values)
     top, bottom = float(s[0]), float(s[-1])
     if top == bottom:
@@ -198,8 +205,9 @@ def param_fraction_rank(shape: Sequence[int], fraction: float) -> int:
     Returns
     -------
     int
-        A rank in ``[0, min(shape)]``; 0 when not even rank 1 fits. A
-        relative slack of ``1e-12`` absorbs the rounding of ``fraction``.
+        A rank in ``[0, min(shape)]``; 0 when not even rank 1 fits. The
+        arithmetic is :func:`lowrank.rank.budget.budget_rank`'s, the rounding
+        of ``fraction`` forgiven (:func:`lowrank.rank.budget.fraction_budget`).
 
     Examples
     --------
@@ -207,10 +215,9 @@ def param_fraction_rank(shape: Sequence[int], fraction: float) -> int:
     10
 
     """
-    fraction = _check_fraction(fraction, "fraction")
+    fraction = check_fraction(fraction, "fraction")
     rows, cols = check_shape(shape)
-    rank = math.floor(fraction * rows * cols / (rows + cols) * (1 + 1e-12))
-    return min(rank, rows, cols)
+    return budget_rank(fraction_budget(fraction, rows * cols), rows + cols, max_rank=min(rows, cols))
 
 
 # ----------------------------------------------------------------------------- rules as policies
@@ -240,8 +247,7 @@ class RankPolicy:
     name: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        if isinstance(self.min_rank, bool) or not isinstance(self.min_rank, int) or self.min_rank < 0:
-            raise ValueError(f"min_rank must be an int >= 0, got {self.min_rank!r}")
+        check_int(self.min_rank, "min_rank", minimum=0)
         if self.max_rank is not None and (
             isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int) or self.max_rank < 1
         ):
@@ -276,9 +282,20 @@ class RankPolicy:
             raise ValueError(f"{type(self).__name__} picks a rank from singular values; got None")
         length = None if singular_values is None else torch.as_tensor(singular_values).numel()
         rows, cols = check_shape(shape, length)
-        rank = self.rule(singular_values, (rows, cols))
-        upper = min(rows, cols) if self.max_rank is None else min(self.max_rank, rows, cols)
-        return min(max(rank, self.min_rank), upper)
+        return self.clamp(self.rule(singular_values, (rows, cols)), min(rows, cols))
+
+    def clamp(self, rank: int, upper: int | None = None) -> int:
+        """``rank`` clamped to ``[min_rank, min(max_rank, upper)]``; the upper end wins over ``min_rank``.
+
+        Examples
+        --------
+        >>> Energy(0.9, min_rank=2, max_rank=8).clamp(20), Energy(0.9, min_rank=2).clamp(0), FixedRank(4).clamp(9, 3)
+        (8, 2, 3)
+
+        """
+        bounds = [bound for bound in (self.max_rank, upper) if bound is not None]
+        rank = max(rank, self.min_rank)
+        return min(rank, *bounds) if bounds else rank
 
     def _argument(self) -> str | None:
         """The value after ``name:`` in :meth:`__str__` (None for none)."""
@@ -308,8 +325,7 @@ class FixedRank(RankPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
+        check_int(self.rank, "rank")
 
     def rule(self, singular_values: torch.Tensor | None, shape: tuple[int, int]) -> int:
         """``rank``."""
@@ -330,7 +346,7 @@ class ParamFraction(RankPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_fraction(self.fraction, "fraction")
+        check_fraction(self.fraction, "fraction")
 
     def rule(self, singular_values: torch.Tensor | None, shape: tuple[int, int]) -> int:
         """:func:`param_fraction_rank` of ``shape``."""
@@ -350,7 +366,7 @@ class Energy(RankPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_fraction(self.energy, "energy")
+        check_fraction(self.energy, "energy")
 
     def rule(self, singular_values: torch.Tensor | None, shape: tuple[int, int]) -> int:
         """:func:`energy_rank` of the spectrum."""
@@ -376,10 +392,7 @@ class Threshold(RankPolicy):
         super().__post_init__()
         if not isinstance(self.relative, bool):
             raise ValueError(f"relative must be a bool, got {self.relative!r}")
-        if self.relative:
-            _check_fraction(self.threshold, "a relative threshold", closed_low=True)
-        elif not _is_number(self.threshold) or self.threshold < 0:
-            raise ValueError(f"an absolute threshold must be a finite number >= 0, got {self.threshold!r}")
+        _check_threshold(self.threshold, self.relative)
 
     def rule(self, singular_values: torch.Tensor | None, shape: tuple[int, int]) -> int:
         """:func:`threshold_rank` of the spectrum."""
@@ -430,7 +443,7 @@ class HeavyTail(RankPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_fraction(self.threshold, "threshold", closed_low=True)
+        check_fraction(self.threshold, "threshold", low_closed=True)
 
     def rule(self, singular_values: torch.Tensor | None, shape: tuple[int, int]) -> int:
         """:func:`heavy_tail_rank` of the spectrum."""

@@ -251,19 +251,27 @@ def vbmf(singular_values: torch.Tensor, shape: Sequence[int], *, noise_variance:
     alpha = ell / m
     tau_bar = evb_tau_bar(alpha)
     x_bar = (1.0 + tau_bar) * (1.0 + alpha / tau_bar)
-    squares = torch.zeros(ell, dtype=torch.float64, device=s.device)
-    squares[: s.numel()] = s * s
     if noise_variance is None:
-        if float(squares[0]) == 0.0:
+        top = float(s[0])
+        if top == 0.0:
             return VBMFResult(0, 0.0, 0.0)
+        # Estimated on the spectrum divided by its largest value, so that the squares neither overflow
+        # (values above about 1e154) nor underflow (below about 1e-154) and the rank does not depend on
+        # the scale. Only the returned variance and threshold are scaled back; they may overflow to inf
+        # or underflow for a spectrum near the ends of the float64 range, the rank does not.
+        scaled = s / top
+        squares = torch.zeros(ell, dtype=torch.float64, device=s.device)
+        squares[: s.numel()] = scaled * scaled
         sigma2 = _estimate_noise_variance(squares, m, alpha, x_bar)
-    else:
-        if isinstance(noise_variance, bool) or not isinstance(noise_variance, (int, float)) or not (
-            math.isfinite(noise_variance) and noise_variance > 0
-        ):
-            raise ValueError(f"noise_variance must be a finite number > 0, got {noise_variance!r}")
-        sigma2 = float(noise_variance)
-    threshold = math.sqrt(m * sigma2 * x_bar)
+        threshold = math.sqrt(m * x_bar) * math.sqrt(sigma2)
+        return VBMFResult(int((scaled > threshold).sum()), sigma2 * top * top, threshold * top)
+    if isinstance(noise_variance, bool) or not isinstance(noise_variance, (int, float)) or not (
+        math.isfinite(noise_variance) and noise_variance > 0
+    ):
+        raise ValueError(f"noise_variance must be a finite number > 0, got {noise_variance!r}")
+    sigma2 = float(noise_variance)
+    # sqrt(M x_bar) sqrt(sigma2), not sqrt(M sigma2 x_bar): the product overflows for a huge sigma2
+    threshold = math.sqrt(m * x_bar) * math.sqrt(sigma2)
     return VBMFResult(int((s > threshold).sum()), sigma2, threshold)
 
 

@@ -1,6 +1,6 @@
 """Fitting a tensor network of fixed structure: contraction environments, ALS and Adam.
 
-The structure search that grows a network is in :mod:`lowrank.decompose.search`;
+The structure search that grows a network is in :mod:`lowrank.decompose.tn_search`;
 the edits it makes to a network's structure in :mod:`lowrank.decompose.tn_edits`.
 Internally a network with internal cores is fitted to the target with one
 trailing dimension of size one per internal core (an internal core's own
@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from lowrank.decompose._checks import check_positive_int, checked_input, compute_dtype
+from lowrank.checks import check_int
+from lowrank.decompose._inputs import checked_input, compute_dtype
 from lowrank.decompose._linalg import unfold
 from lowrank.decompose.factorizations import TensorNetwork, network_expression, network_subscripts
 
@@ -267,7 +268,7 @@ def tn_als(
 
     """
     x, observed = _network_input(x, network, mask)
-    n_sweeps = check_positive_int(n_sweeps, "n_sweeps")
+    n_sweeps = check_int(n_sweeps, "n_sweeps")
     work = x.to(compute_dtype(x.dtype))
     cores = [c.to(device=work.device, dtype=work.dtype) for c in network.cores]
     entries = entries_of(work, None if observed is None else observed.to(work)).padded(len(cores))
@@ -312,7 +313,7 @@ def tn_adam(
 
     """
     x, observed = _network_input(x, network, mask)
-    steps = check_positive_int(steps, "steps", minimum=0)
+    steps = check_int(steps, "steps", minimum=0)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     target = x if observed is None else x[observed]

@@ -1,13 +1,13 @@
-"""Validation of the arguments shared by the decomposition functions.
+"""The input tensor of a decomposition: validated, in the dtype it is computed in, scaled into a safe range.
 
 Every check raises a ``TypeError`` or ``ValueError`` whose message names the
-argument, the value received and the range that is allowed.
+argument, the value received and the range that is allowed; the checks of
+plain arguments (ranks, tolerances, counts) are in :mod:`lowrank.checks`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -118,92 +118,6 @@ def check_ndim(x: torch.Tensor, name: str, *, exact: int | None = None, minimum:
         raise ValueError(f"{name} must have exactly {exact} modes, got {x.ndim} (shape {tuple(x.shape)})")
     if minimum is not None and x.ndim < minimum:
         raise ValueError(f"{name} must have at least {minimum} modes, got {x.ndim} (shape {tuple(x.shape)})")
-
-
-def check_tol(tol: float | None, name: str = "tol") -> float | None:
-    """Check a relative-error target: ``None`` or a number in the open interval (0, 1)."""
-    if tol is None:
-        return None
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0.0 < float(tol) < 1.0:
-        raise ValueError(f"{name} must be a relative error in the open interval (0, 1), got {tol!r}")
-    return float(tol)
-
-
-def check_nonnegative(value: float, name: str) -> float:
-    """Check a non-negative number such as a stopping tolerance."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def check_positive_int(value: int, name: str, minimum: int = 1) -> int:
-    """Check an integer option such as an iteration count."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_ranks(
-    rank: int | Sequence[int],
-    bounds: Sequence[int],
-    *,
-    name: str = "rank",
-    what: Sequence[str] | None = None,
-    clip: bool = False,
-) -> tuple[int, ...]:
-    """Check one rank per entry of ``bounds``, each in ``[1, bound]``.
-
-    Parameters
-    ----------
-    rank : int or sequence of int
-        One rank for every entry, or one rank per entry.
-    bounds : sequence of int
-        The largest meaningful rank of each entry.
-    name : str
-        The argument's name, used in error messages.
-    what : sequence of str, optional
-        What each entry is (for example ``"mode 2 (size 3)"``), used in error messages.
-    clip : bool
-        If True, ranks above their bound are lowered to it instead of raising.
-
-    Returns
-    -------
-    tuple of int
-        The ranks, one per entry of ``bounds``.
-
-    """
-    n = len(bounds)
-    what = list(what) if what is not None else [f"entry {i}" for i in range(n)]
-    if isinstance(rank, (int, np.integer)) and not isinstance(rank, bool):
-        ranks = [int(rank)] * n
-    elif isinstance(rank, Sequence) and not isinstance(rank, str):
-        if len(rank) != n:
-            raise ValueError(f"{name} must be an int or a sequence of {n} ints, got {len(rank)} values: {list(rank)!r}")
-        ranks = list(rank)
-    else:
-        raise TypeError(f"{name} must be an int or a sequence of ints, got {type(rank).__name__}")
-    out = []
-    for r, bound, label in zip(ranks, bounds, what):
-        if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
-            raise TypeError(f"{name} for {label} must be an int, got {r!r}")
-        if r < 1:
-            raise ValueError(f"{name} for {label} must be at least 1, got {int(r)}")
-        if r > bound:
-            if not clip:
-                raise ValueError(
-                    f"{name} for {label} must be at most {bound}, got {int(r)} "
-                    "(pass clip=True to lower it to the largest possible rank)"
-                )
-            r = bound
-        out.append(int(r))
-    return tuple(out)
-
-
-def check_method(method: str, allowed: Sequence[str], name: str = "method") -> str:
-    """Check that ``method`` is one of ``allowed``."""
-    if method not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {method!r}")
-    return method
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:

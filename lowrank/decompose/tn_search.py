@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from lowrank.decompose._checks import check_positive_int, check_tol, checked_input, make_generator
+from lowrank.checks import check_int, check_tol
+from lowrank.decompose._inputs import checked_input, make_generator
 from lowrank.decompose._linalg import leading_left_subspace, unfold
 from lowrank.decompose.factorizations import SearchStep, TensorNetwork
-from lowrank.decompose.tn import Entries, als, checked_mask, entries_of
 from lowrank.decompose.tn_edits import (
     core_spectrum,
     internal_groups,
@@ -31,6 +31,7 @@ from lowrank.decompose.tn_edits import (
     merge_while_saving,
     split_core,
 )
+from lowrank.decompose.tn_fit import Entries, als, checked_mask, entries_of
 
 # While the search's relative error is above this, it contracts and forms Gram matrices in float32 (the
 # solves stay in float64): about twice as fast. Float32 Gram matrices and their ridge stall ALS near a
@@ -225,10 +226,10 @@ def tn(
     if x.ndim < 2:
         raise ValueError(f"x must have at least 2 modes for a tensor network, got shape {tuple(x.shape)}")
     tol = check_tol(tol)
-    max_steps = check_positive_int(max_steps, "max_steps", minimum=0)
-    n_sweeps = check_positive_int(n_sweeps, "n_sweeps")
-    candidate_sweeps = check_positive_int(candidate_sweeps, "candidate_sweeps")
-    final_sweeps = check_positive_int(final_sweeps, "final_sweeps", minimum=0)
+    max_steps = check_int(max_steps, "max_steps", minimum=0)
+    n_sweeps = check_int(n_sweeps, "n_sweeps")
+    candidate_sweeps = check_int(candidate_sweeps, "candidate_sweeps")
+    final_sweeps = check_int(final_sweeps, "final_sweeps", minimum=0)
     max_params = _checked_budget(max_params, x.shape)
     if time_limit is not None and not time_limit > 0:
         raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
@@ -417,7 +418,7 @@ def _checked_budget(max_params: int | None, shape: Sequence[int]) -> int | None:
     """``max_params``, checked to hold at least the rank-one network."""
     if max_params is None:
         return None
-    max_params = check_positive_int(max_params, "max_params")
+    max_params = check_int(max_params, "max_params")
     if max_params < sum(shape):
         raise ValueError(
             f"max_params={max_params} is below the {sum(shape)} parameters of the rank-one network "

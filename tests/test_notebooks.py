@@ -1,0 +1,125 @@
+"""The notebooks under ``notebooks/`` are part of the suite: each one is executed, cell by cell.
+
+Every ``notebooks/*.ipynb`` is run with nbclient on an ipykernel ``python3`` kernel of this very
+interpreter, in ``notebooks/`` and with this checkout's ``lowrank`` first on the path; a cell that
+raises fails the test with the cell's error. nbclient, nbformat and ipykernel are in the ``test``
+extra, so a missing one is a failure, not a skip. Where it is cheap, what a notebook printed is
+checked as well (against closed forms or an independent library, not against itself).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+CELL_TIMEOUT = 120  # seconds per cell; the notebooks use small inputs and take a few seconds in all
+ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*m")  # IPython colours its tracebacks
+
+
+def _require(module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        pytest.fail(
+            f"running the notebooks needs {module} (it is in the test extra: pip install -e '.[test]'): {error}",
+            pytrace=False,
+        )
+
+
+def _execute(path: Path, kernel_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """Run every cell of the notebook at ``path``; return the executed notebook."""
+    nbformat = _require("nbformat")
+    nbclient = _require("nbclient")
+    kernelspec = _require("ipykernel.kernelspec")
+    manager = _require("jupyter_client.manager")
+    specs = _require("jupyter_client.kernelspec")
+    # A python3 kernel spec that starts sys.executable, so that no python3 kernel installed elsewhere
+    # (another environment's) is picked up; the kernel imports this checkout's lowrank.
+    kernelspec.write_kernel_spec(kernel_dir / "python3")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    km = manager.AsyncKernelManager(
+        kernel_name="python3", kernel_spec_manager=specs.KernelSpecManager(kernel_dirs=[str(kernel_dir)])
+    )
+    notebook = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook, km=km, timeout=CELL_TIMEOUT, resources={"metadata": {"path": str(NOTEBOOK_DIR)}}
+    )
+    try:
+        client.execute()
+    except nbclient.exceptions.CellExecutionError as error:  # the cell's source and traceback
+        pytest.fail(f"{path.name}: a cell raised\n{ANSI_COLOR.sub('', str(error))}", pytrace=False)
+    except nbclient.exceptions.CellTimeoutError as error:
+        pytest.fail(f"{path.name}: a cell ran past {CELL_TIMEOUT} s\n{error}", pytrace=False)
+    assert km.kernel_spec.argv[0] == sys.executable
+    return notebook
+
+
+def _stdout(notebook) -> str:
+    return "".join(
+        output.get("text", "")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if output.output_type == "stream" and output.name == "stdout"
+    )
+
+
+def _check_decompose_tour(text: str) -> None:
+    # "lowrank  tucker params   992  error 0.9...": every method, its size and its error
+    lines = re.findall(r"^lowrank\s+(\w+)\s+params\s+(\d+)\s+error\s+([0-9.]+)$", text, re.MULTILINE)
+    found = {method: (int(params), float(error)) for method, params, error in lines}
+    assert set(found) == {"tucker", "cp", "tt", "tr"}, text
+    n, rank = 20, 8  # the tour's 20 x 20 x 20 tensor; TR uses rank 4
+    assert found["tucker"][0] == rank**3 + 3 * n * rank  # the core and three factors
+    assert found["cp"][0] in (3 * n * rank, 3 * n * rank + rank)  # three factors, with or without weights
+    assert found["tt"][0] == n * rank + rank * n * rank + rank * n  # cores (1, n, r), (r, n, r), (r, n, 1)
+    assert found["tr"][0] == 3 * 4 * n * 4  # three cores (4, n, 4)
+    # a Gaussian tensor has no low-rank structure: some error remains, and no method does worse than zero
+    for method, (_, error) in found.items():
+        assert 0.0 < error < 1.0, (method, error)
+    reference = dict(re.findall(r"^tensorly\s+(\w+)\s+error\s+([0-9.]+)$", text, re.MULTILINE))
+    assert set(reference) == {"tucker", "cp", "tt"}, text
+    # TT-SVD at fixed ranks is the same deterministic algorithm in both libraries: the same error
+    assert abs(found["tt"][1] - float(reference["tt"])) <= 2e-4, (found["tt"], reference["tt"])
+    svd = re.search(r"^svd\s+rank\s+(\d+)\s+error\s+([0-9.]+)\s+\(tol 0\.5\)$", text, re.MULTILINE)
+    assert svd is not None, text
+    assert 1 <= int(svd[1]) <= 120 and float(svd[2]) <= 0.5  # within the tolerance asked for
+
+
+# What a notebook prints, checked where that is cheap (notebooks not listed get the generic checks).
+OUTPUT_CHECKS: dict[str, Callable[[str], None]] = {"decompose_tour.ipynb": _check_decompose_tour}
+
+
+def test_notebooks_are_found():
+    assert NOTEBOOKS, f"no notebooks found in {NOTEBOOK_DIR}"
+    assert set(OUTPUT_CHECKS) <= {path.name for path in NOTEBOOKS}
+
+
+@pytest.mark.parametrize("name", [path.name for path in NOTEBOOKS])
+def test_notebook_is_committed_without_outputs(name):
+    notebook = json.loads((NOTEBOOK_DIR / name).read_text(encoding="utf-8"))
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None, "clear the outputs before committing"
+
+
+@pytest.mark.parametrize("name", [path.name for path in NOTEBOOKS])
+def test_notebook_runs(name, tmp_path, monkeypatch):
+    notebook = _execute(NOTEBOOK_DIR / name, tmp_path / "kernels", monkeypatch)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert code, f"{name} has no code cells"
+    assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1))  # every cell ran, in order
+    for cell in code:
+        assert not [output for output in cell.outputs if output.output_type == "error"], cell.source
+    if name in OUTPUT_CHECKS:
+        OUTPUT_CHECKS[name](_stdout(notebook))
