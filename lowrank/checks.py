@@ -80,6 +80,13 @@ def check_int(value: int, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_bool(value: object, name: str) -> bool:
+    """``value`` if it is True or False (not 0, 1 or another truthy value)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def check_choice(value: object, allowed: Sequence[object], name: str) -> object:
     """``value`` if it is one of ``allowed``."""
     if value not in allowed:

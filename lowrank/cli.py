@@ -20,7 +20,15 @@ import torch
 
 import lowrank
 from lowrank.data_aware import ALLOCATIONS
+from lowrank.nn import METHODS
 from lowrank.nn.dense import KINDS
+from lowrank.rank.policies import ACCEPTED_FORMS
+
+# The compress options that only calibration uses: CalibrationConfig's fields (None when not given), and flags.
+CALIBRATION_OPTIONS = {
+    "allocation": "--allocation", "whiten": "--no-whiten/--asvd", "refit": "--no-refit",
+    "sequential": "--no-sequential", "n_probes": "--probes", "batch_size": "--batch-size", "max_length": "--max-length",
+}
 
 
 def _load_tensor(path: Path, key: str | None) -> torch.Tensor:
@@ -67,14 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--ratio", type=float, help="fraction of the targeted layers' parameters kept (default 0.5)")
     policy.add_argument(
         "--rank", type=_parse_policy,
-        help="one fixed rank for every layer (an int), or a rank policy: vbmf, stable, energy:0.9, "
-        "threshold:0.01, heavy-tail:0.175, fixed:32, fraction:0.5 (with ,min=N / ,max=N clamps)",
+        help=f"one fixed rank for every layer (an int), or a rank policy: {ACCEPTED_FORMS}",
     )
     policy.add_argument("--energy", type=float, help="fraction of each weight's squared singular values kept")
+    names = ", ".join(dict.fromkeys(name for methods in METHODS.values() for name in methods))
     com.add_argument(
         "--method", default="auto",
-        help="'auto', one method (svd, tt, tn, tucker2, cp, svd-channel, svd-spatial) or kind=method pairs "
-        "separated by commas, e.g. linear=svd,conv=cp",
+        help=f"'auto', one method ({names}) or kind=method pairs separated by commas, e.g. linear=svd,conv=cp",
     )
     com.add_argument("--targets", nargs="+", metavar="GLOB", help="only layers whose names match these globs")
     com.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="never layers matching these globs")
@@ -87,16 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibration text, one sample per line, tokenised with SRC's tokenizer: compress the linear layers "
         "data-aware (whitened, budget allocated across layers, calibrated in sequence)",
     )
-    com.add_argument(
-        "--allocation", choices=ALLOCATIONS,
+    com.add_argument(  # "sensitivity" needs a loss function, which a command line cannot give
+        "--allocation", choices=[name for name in ALLOCATIONS if name != "sensitivity"],
         help="how --ratio is spent across layers with --calibration (default fisher)",
     )
-    com.add_argument("--no-whiten", dest="whiten", action="store_false",
+    com.add_argument("--no-whiten", dest="whiten", action="store_const", const=False,
                      help="with --calibration: truncate the weights themselves, not the whitened weights")
     com.add_argument("--asvd", dest="whiten", action="store_const", const="asvd",
                      help="with --calibration: scale input channels by their mean activation (ASVD), not whiten")
-    com.add_argument("--no-refit", dest="refit", action="store_false",
+    com.add_argument("--no-refit", dest="refit", action="store_const", const=False,
                      help="with --calibration: do not refit the second factors to the dense outputs")
+    com.add_argument("--no-sequential", dest="sequential", action="store_const", const=False,
+                     help="with --calibration: calibrate every layer on the dense model's inputs")
+    com.add_argument("--probes", dest="n_probes", type=int, metavar="N",
+                     help="with --calibration: output probes per batch of the fisher allocation (default 1)")
+    com.add_argument("--batch-size", type=int, metavar="N", help="with --calibration: lines per batch (default 16)")
+    com.add_argument("--max-length", type=int, metavar="N",
+                     help="with --calibration: longest tokenised line, in tokens (default 128)")
     heal = lowrank.HealConfig()
     com.add_argument("--heal-steps", type=int, default=heal.steps, metavar="N",
                      help="with --calibration: N steps of distillation towards the dense model after compressing")
@@ -146,24 +160,23 @@ def _configs(args: argparse.Namespace) -> tuple[lowrank.Targets, lowrank.Calibra
     """The configs of ``lowrank compress``, checked before the model is loaded."""
     targets = lowrank.Targets(include=args.targets, exclude=args.exclude, kinds=args.kinds)
     heal = lowrank.HealConfig(steps=args.heal_steps, seconds=args.heal_seconds, lr=args.heal_lr)
+    options = {name: getattr(args, name) for name in CALIBRATION_OPTIONS if getattr(args, name) is not None}
     if args.calibration is None:
+        if options:
+            flags = ", ".join(CALIBRATION_OPTIONS[name] for name in options)
+            raise ValueError(f"{flags} need --calibration FILE.txt")
         return targets, None, heal
     from transformers import AutoTokenizer
 
-    calibration = lowrank.CalibrationConfig(
-        _calibration_texts(args.calibration), tokenizer=AutoTokenizer.from_pretrained(args.source),
-        allocation=args.allocation, whiten=args.whiten, refit=args.refit,
-    )
-    return targets, calibration, heal
+    texts, tokenizer = _calibration_texts(args.calibration), AutoTokenizer.from_pretrained(args.source)
+    return targets, lowrank.CalibrationConfig(texts, tokenizer=tokenizer, **options), heal
 
 
 def _compress(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.overwrite:
         raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it")
-    if not args.source.is_dir():
-        raise FileNotFoundError(f"{args.source} is not a checkpoint directory")
-    targets, calibration, heal = _configs(args)
     model = lowrank.io.load_pretrained(args.source)
+    targets, calibration, heal = _configs(args)
     report = lowrank.compress(
         model, args.ratio, rank=args.rank, energy=args.energy, method=_parse_method(args.method), targets=targets,
         calibration=calibration, heal=heal, progress=not args.quiet,

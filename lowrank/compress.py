@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowrank.checks import check_fraction
-from lowrank.data_aware import CalibrationConfig, compress_linears
+from lowrank.data_aware import LOW_RANK, CalibrationConfig, compress_linears
 from lowrank.heal import HealConfig, reference_outputs
 from lowrank.heal import heal as heal_factors
 from lowrank.nn import FactorizedModule, Method, UnsupportedLayerError, resolve_methods
@@ -32,7 +32,9 @@ from lowrank.targets import Target, Targets
 
 # The spatial size (per dimension) at which convolution FLOPs are compared for the break-even rule.
 BREAK_EVEN_SPATIAL = 32
-# Keyword shortcuts of compress(): each names a field of one config.
+# Keyword shortcuts of compress(): each names a field of one config. Those of BATCH_SHAPING act when the
+# calibration data is made into batches, so they cannot change a CalibrationConfig made already.
+BATCH_SHAPING = ("tokenizer", "batch_size", "max_length")
 SHORTCUTS: dict[str, tuple[str, str]] = {
     **{name: ("targets", name) for name in ("include", "exclude", "kinds", "filter_fn")},
     **{name: ("calibration", name) for name in (
@@ -149,8 +151,8 @@ def compress(
     budget = rank is None and energy is None  # a ratio, spent across the calibrated layers by the allocation
     targets, calibrated, heal = _configs(targets, calibration, heal, shortcuts)
     methods = resolve_methods(method, targets.kinds)
-    if calibrated is not None:
-        calibrated.allocation_for(budget)
+    if calibrated is not None:  # the allocation that runs, recorded as such
+        calibrated = dataclasses.replace(calibrated, allocation=calibrated.allocation_for(budget))
     if calibrated is None and heal.enabled:
         raise ValueError("healing needs calibration data: give calibration=")
     if calibrated is not None and calibrated.runs_itself and heal.enabled:
@@ -159,8 +161,8 @@ def compress(
     selected = targets.select(model)
     report = CompressionReport(settings={
         "ratio": policy.fraction if budget else None,
-        "rank": None if rank is None else str(rank),
-        "energy": energy,
+        "rank": None if rank is None else str(policy),
+        "energy": policy.energy if energy is not None else None,
         "method": {kind: methods[kind].name for kind in targets.kinds},
         "targets": targets.to_dict(),
         "calibration": None if calibrated is None else calibrated.to_dict(),
@@ -172,7 +174,7 @@ def compress(
         chosen = methods[target.kind]
         if target.head:
             report.layers.append(LayerReport.dense(target.name, target.module, skip_reason="output head"))
-        elif calibrated is not None and target.kind == "linear" and chosen.name == "svd":
+        elif calibrated is not None and chosen is LOW_RANK:  # the method data-aware compression implements
             calibrated_layers[target.name] = target.module
         else:
             row, factorized = _factorize_layer(target, chosen, policy)
@@ -220,6 +222,10 @@ def _configs(
     if unknown:
         raise TypeError(f"compress() got unexpected keyword argument(s) {', '.join(unknown)}; its shortcuts are "
                         f"{', '.join(SHORTCUTS)}")
+    for name, value, kind in (("targets", targets, Targets), ("heal", heal, HealConfig)):
+        if value is not None and not isinstance(value, kind):
+            hint = " (name globs go to include=)" if name == "targets" else ""
+            raise TypeError(f"{name}= takes a lowrank.{kind.__name__}{hint}, got {type(value).__name__}")
     fields: dict[str, dict[str, Any]] = {"targets": {}, "calibration": {}, "heal": {}}
     for name, value in shortcuts.items():
         config, field = SHORTCUTS[name]
@@ -230,9 +236,13 @@ def _configs(
         if fields["calibration"]:
             raise ValueError(f"{', '.join(fields['calibration'])} need calibration data: give calibration=")
         return targets, None, heal
-    if isinstance(calibration, CalibrationConfig):
-        return targets, dataclasses.replace(calibration, **fields["calibration"]), heal
-    return targets, CalibrationConfig(calibration, **fields["calibration"]), heal
+    if not isinstance(calibration, CalibrationConfig):
+        return targets, CalibrationConfig(calibration, **fields["calibration"]), heal
+    shaping = [name for name in BATCH_SHAPING if name in fields["calibration"]]
+    if shaping:
+        raise ValueError(f"{', '.join(shaping)} shape the batches that a CalibrationConfig made already: "
+                         "give them to CalibrationConfig(...)")
+    return targets, dataclasses.replace(calibration, **fields["calibration"]), heal
 
 
 def _factorize_layer(
@@ -248,7 +258,9 @@ def _factorize_layer(
     row = LayerReport.dense(target.name, layer, method.name)
     described = f"layer {target.name!r} ({type(layer).__name__}, weight {tuple(layer.weight.shape)})"
     try:
-        rank = row.rank = method.choose_rank(layer, policy)
+        rank = method.choose_rank(layer, policy)
+        if not method.budget_only:  # a searched structure's "rank" is its budget, not worth a column
+            row.rank = rank
         if rank is None:
             row.skip_reason = "no rank >= 1 fits the ratio"
             return row, None

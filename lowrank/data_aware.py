@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import InitVar, dataclass
 from typing import Any
@@ -44,9 +43,9 @@ from lowrank.calibrate import (
     run_calibration,
     whitened_low_rank,
 )
-from lowrank.checks import check_choice, check_int
+from lowrank.checks import check_bool, check_choice, check_int
 from lowrank.nn import METHODS, LowRankLinear
-from lowrank.nn.dense import bias_size, linear_type, linear_weight
+from lowrank.nn.dense import bias_size, count_params, linear_type, linear_weight
 from lowrank.nn.surgery import swap_modules
 from lowrank.rank import LayerBudget, ParamFraction, RankPolicy, allocate_ranks
 from lowrank.rank.budget import fraction_budget
@@ -61,7 +60,9 @@ class CalibrationConfig:
     """Calibration data and how data-aware compression uses it.
 
     The data is turned into batches once, when the config is made (texts are
-    tokenised then), and every setting is checked then.
+    tokenised then, with ``tokenizer``, ``batch_size`` and ``max_length``,
+    which are init-only arguments for that reason), and every setting is
+    checked then.
 
     Attributes
     ----------
@@ -73,7 +74,7 @@ class CalibrationConfig:
         the ``"fisher"`` and ``"sensitivity"`` allocations, nor refitting,
         nor healing). Held as the list of batches afterwards.
     tokenizer : callable, optional
-        The checkpoint's tokenizer, for texts (an init-only argument).
+        The checkpoint's tokenizer, for texts (init-only).
     allocation : {"uniform", "energy", "fisher", "sensitivity"}, optional
         How a ``ratio`` is spent across layers (see :func:`compress_linears`);
         None: ``"fisher"`` with a ratio, each layer on its own with a rank policy.
@@ -96,9 +97,9 @@ class CalibrationConfig:
         ``"fisher"`` allocation (instead of the distance to the dense model's
         outputs) and for ``"sensitivity"`` (required there).
     batch_size : int
-        Texts per batch (texts only).
+        Texts per batch (texts only; init-only).
     max_length : int, optional
-        Longest tokenised text, in tokens (texts only).
+        Longest tokenised text, in tokens (texts only; init-only).
 
     Examples
     --------
@@ -117,18 +118,17 @@ class CalibrationConfig:
     refit: bool = True
     n_probes: int = 1
     loss_fn: Callable[[nn.Module, CalibrationBatch], torch.Tensor] | None = None
-    batch_size: int = 16
-    max_length: int | None = 128
+    batch_size: InitVar[int] = 16
+    max_length: InitVar[int | None] = 128
 
-    def __post_init__(self, tokenizer: Any) -> None:
+    def __post_init__(self, tokenizer: Any, batch_size: int, max_length: int | None) -> None:
         if self.allocation is not None:
             check_choice(self.allocation, ALLOCATIONS, "CalibrationConfig.allocation")
         if not (isinstance(self.whiten, bool) or self.whiten == "asvd"):
             raise ValueError(f"CalibrationConfig.whiten must be True, False or 'asvd', got {self.whiten!r}")
         for name in ("sequential", "refit"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"CalibrationConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        check_int(self.n_probes, "CalibrationConfig.n_probes")
+            object.__setattr__(self, name, check_bool(getattr(self, name), f"CalibrationConfig.{name}"))
+        object.__setattr__(self, "n_probes", check_int(self.n_probes, "CalibrationConfig.n_probes"))
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ValueError(f"CalibrationConfig.loss_fn must be a callable (model, batch) -> loss, "
                              f"got {self.loss_fn!r}")
@@ -138,12 +138,9 @@ class CalibrationConfig:
         if self.allocation == "sensitivity" and self.loss_fn is None:
             raise ValueError("allocation='sensitivity' needs loss_fn=: the distance to the dense model has no "
                              "first-order change at the dense model")
-        if self.runs_itself:
-            return
-        check_int(self.batch_size, "CalibrationConfig.batch_size")
-        batches = calibration_batches(self.data, tokenizer=tokenizer, batch_size=self.batch_size,
-                                      max_length=self.max_length)
-        object.__setattr__(self, "data", batches)
+        if not self.runs_itself:
+            batches = calibration_batches(self.data, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+            object.__setattr__(self, "data", batches)
 
     @property
     def runs_itself(self) -> bool:
@@ -189,8 +186,6 @@ class CalibrationConfig:
             "refit": self.refit,
             "n_probes": self.n_probes,
             "loss_fn": None if self.loss_fn is None else getattr(self.loss_fn, "__name__", "callable"),
-            "batch_size": self.batch_size,
-            "max_length": self.max_length,
         }
 
 
@@ -222,10 +217,10 @@ class LinearPlan:
 def break_even_rank(layer: nn.Module) -> int:
     """The largest rank at which a low-rank layer holds fewer parameters and MACs than ``layer`` (0 if none).
 
-    Both counts compare ``rank * (in + out)`` with ``in * out`` (the bias is the same on both sides).
+    Both counts compare ``rank * (in + out)`` with ``in * out`` (the bias is the same on both sides), so
+    this is the largest rank within one parameter less than the layer's.
     """
-    out_features, in_features = linear_weight(layer).shape
-    return max(0, math.ceil(out_features * in_features / (out_features + in_features)) - 1)
+    return LOW_RANK.rank_for_budget(layer, count_params(layer) - 1) or 0
 
 
 def forward_calls(model: nn.Module, layers: dict[str, nn.Module], calibration: Calibration) -> dict[str, int]:
@@ -445,7 +440,8 @@ def compress_linears(
     except BaseException:
         swap_modules(model, [(name, layers[name]) for name in reversed(replaced)])
         raise
-    reason = "no rank below break-even is worth its parameters within the budget"
+    reason = ("no rank below break-even is worth its parameters within the budget" if policy is None
+              else f"{policy} gives no rank from 1 to below break-even")
     return [plans.get(name, LinearPlan(name, None, None, None, reason)) for name in order]
 
 

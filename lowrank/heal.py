@@ -43,10 +43,10 @@ class HealConfig:
     lr: float = 1e-4
 
     def __post_init__(self) -> None:
-        check_int(self.steps, "HealConfig.steps", minimum=0)
+        object.__setattr__(self, "steps", check_int(self.steps, "HealConfig.steps", minimum=0))
         if self.seconds is not None:
-            check_positive(self.seconds, "HealConfig.seconds")
-        check_positive(self.lr, "HealConfig.lr")
+            object.__setattr__(self, "seconds", check_positive(self.seconds, "HealConfig.seconds"))
+        object.__setattr__(self, "lr", check_positive(self.lr, "HealConfig.lr"))
 
     @property
     def enabled(self) -> bool:

@@ -122,7 +122,10 @@ class CompressionReport:
             if isinstance(row["rank"], list):
                 row["rank"] = tuple(row["rank"])
             layers.append(LayerReport(**row))
-        return cls(layers, dict(data.get("settings", {})), data.get("healing"))
+        settings, healing = dict(data.get("settings", {})), data.get("healing")
+        if healing is None and isinstance(settings.get("heal"), dict) and "loss_after" in settings["heal"]:
+            healing = settings.pop("heal")  # a report of lowrank 0.2 kept what healing did in its settings
+        return cls(layers, settings, healing)
 
     def __str__(self) -> str:
         header = ("layer", "type", "shape", "method", "rank", "params", "after", "rel. error", "out. error", "note")

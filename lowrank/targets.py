@@ -18,10 +18,10 @@ from torch import nn
 from lowrank.nn.dense import KINDS, layer_kind
 
 
-def _patterns(value: str | Sequence[str] | None, name: str) -> tuple[str, ...] | None:
-    """Glob patterns as a tuple (one string is one pattern); None stays None."""
+def _patterns(value: str | Sequence[str] | None, name: str, none: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """Glob patterns as a tuple (one string is one pattern); None gives ``none``."""
     if value is None:
-        return None
+        return none
     patterns = (value,) if isinstance(value, str) else value
     if not isinstance(patterns, Sequence) or not all(isinstance(p, str) for p in patterns):
         raise ValueError(f"Targets.{name} must be a glob pattern or a sequence of them, got {value!r}")
@@ -91,8 +91,8 @@ class Targets:
     filter_fn: Callable[[str, nn.Module], bool] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "include", _patterns(self.include, "include"))
-        object.__setattr__(self, "exclude", _patterns(self.exclude, "exclude"))
+        object.__setattr__(self, "include", _patterns(self.include, "include", None))
+        object.__setattr__(self, "exclude", _patterns(self.exclude, "exclude", ()))
         kinds = self.kinds
         if isinstance(kinds, str) or not isinstance(kinds, Sequence) or not set(kinds) <= set(KINDS) or not kinds:
             raise ValueError(f"Targets.kinds must be a sequence of layer kinds among {KINDS}; got {kinds!r}")

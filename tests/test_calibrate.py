@@ -144,6 +144,16 @@ def test_cholesky_factor_of_singular_gram_matrices():
         cholesky_factor(torch.tensor([[1.0, 2.0], [2.0, 1.0]]))
     with pytest.raises(ValueError, match="negative diagonal"):
         cholesky_factor(-torch.eye(3))
+    # the refit's A G A^T of a singular G: a row of A in G's null space gives a zero diagonal entry, which
+    # rounding can push a hair below zero (as 2 calibration lines of MiniLM did): it factors all the same
+    a = randn(6, 20, gen=gen)
+    a[2] = torch.linalg.svd(x).Vh[-1]  # x (5 samples) sends this direction to zero
+    product = a @ (x.T @ x) @ a.T
+    product[2, 2] = -4e-18 * float(product.diagonal().max())
+    factor = cholesky_factor(product)
+    assert fro(factor @ factor.T - product) <= 1e-12 * float(product.diagonal().max()) * 6
+    with pytest.raises(ValueError, match="negative diagonal"):  # beyond rounding: refused
+        cholesky_factor(torch.diag(torch.tensor([1.0, -1e-9], dtype=F64)))
     with pytest.raises(ValueError, match="square"):
         cholesky_factor(torch.ones(2, 3))
     with pytest.raises(ValueError, match="NaN"):

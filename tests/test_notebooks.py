@@ -13,6 +13,7 @@ import importlib
 import json
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -123,3 +124,10 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
         assert not [output for output in cell.outputs if output.output_type == "error"], cell.source
     if name in OUTPUT_CHECKS:
         OUTPUT_CHECKS[name](_stdout(notebook))
+
+
+def test_notebooks_are_lint_clean():
+    # the test command lints what it runs: ruff with the project's settings (pyproject.toml), as CI does
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", *map(str, NOTEBOOKS)], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

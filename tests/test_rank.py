@@ -517,7 +517,7 @@ def test_policies_are_frozen_and_comparable():
         (lambda: Threshold(-2.0, relative=False), "absolute threshold must be .*got -2.0"),
         (lambda: HeavyTail(-0.1), "threshold must be a fraction.*got -0.1"),
         (lambda: VBMF(min_rank=-1), "min_rank must be an int >= 0, got -1"),
-        (lambda: VBMF(max_rank=0), "max_rank must be None or an int >= 1, got 0"),
+        (lambda: VBMF(max_rank=0), "max_rank must be an int >= 1, got 0"),
         (lambda: StableRank(min_rank=4, max_rank=2), r"max_rank \(2\) must be >= min_rank \(4\)"),
     ],
 )

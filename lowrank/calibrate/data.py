@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowrank.checks import check_int
+
 
 @dataclass(frozen=True, eq=False)
 class CalibrationBatch:
@@ -194,10 +196,11 @@ def calibration_batches(
     (3, torch.Size([4, 4]), None)
 
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be at least 1 or None, got {max_batches}")
+    batch_size = check_int(batch_size, "batch_size")
+    if max_length is not None:
+        max_length = check_int(max_length, "max_length")
+    if max_batches is not None:
+        max_batches = check_int(max_batches, "max_batches")
     if isinstance(data, str):
         data = [data]
     if isinstance(data, (list, tuple)) and data and all(isinstance(text, str) for text in data):

@@ -89,11 +89,13 @@ def cholesky_factor(gram: torch.Tensor, *, damping: float = 0.0, max_tries: int 
     g = gram.to(_F64)
     g = (g + g.T) / 2
     diagonal = g.diagonal()
-    if (diagonal < 0).any():
+    # a product such as A G A^T of a singular G can round a zero diagonal entry to a tiny negative one
+    rounding = n * torch.finfo(_F64).eps * float(diagonal.abs().max())
+    if (diagonal < -rounding).any():
         index = int(torch.argmin(diagonal))
         raise ValueError(f"gram has a negative diagonal entry ({float(diagonal[index]):.3e} at {index}); "
                          "it is not a Gram matrix")
-    scale = float(diagonal.mean())
+    scale = float(diagonal.clamp_min(0).mean())
     if scale == 0.0:
         scale = 1.0  # an all-zero Gram matrix: whitening reduces to a plain SVD
     eye = torch.eye(n, dtype=_F64, device=g.device)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lowrank.checks import check_int
+from lowrank.checks import check_int, check_positive
 from lowrank.decompose._inputs import checked_input, compute_dtype
 from lowrank.decompose._linalg import unfold
 from lowrank.decompose.factorizations import TensorNetwork, network_expression, network_subscripts
@@ -314,8 +314,7 @@ def tn_adam(
     """
     x, observed = _network_input(x, network, mask)
     steps = check_int(steps, "steps", minimum=0)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    lr = check_positive(lr, "lr")
     target = x if observed is None else x[observed]
     sq_norm = float(torch.sum(target.double() ** 2)) or 1.0
     cores = [c.detach().to(device=x.device, dtype=x.dtype).clone().requires_grad_(True) for c in network.cores]

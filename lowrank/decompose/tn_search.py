@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lowrank.checks import check_int, check_tol
+from lowrank.checks import check_bool, check_fraction, check_int, check_nonnegative, check_positive, check_tol
 from lowrank.decompose._inputs import checked_input, make_generator
 from lowrank.decompose._linalg import leading_left_subspace, unfold
 from lowrank.decompose.factorizations import SearchStep, TensorNetwork
@@ -231,15 +231,11 @@ def tn(
     candidate_sweeps = check_int(candidate_sweeps, "candidate_sweeps")
     final_sweeps = check_int(final_sweeps, "final_sweeps", minimum=0)
     max_params = _checked_budget(max_params, x.shape)
-    if time_limit is not None and not time_limit > 0:
-        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
-    if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0 <= holdout < 1:
-        raise ValueError(f"holdout must be a fraction in [0, 1), got {holdout!r}")
-    if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not 0 <= growth < math.inf:
-        raise ValueError(f"growth must be a finite number >= 0, got {growth!r}")
-    for name, flag in (("prune", prune), ("split", split)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    if time_limit is not None:
+        time_limit = check_positive(time_limit, "time_limit")
+    holdout = check_fraction(holdout, "holdout", low_closed=True, high_closed=False)
+    growth = check_nonnegative(growth, "growth")
+    prune, split = check_bool(prune, "prune"), check_bool(split, "split")
     generator = make_generator(seed, x.device)
     deadline = math.inf if time_limit is None else start + time_limit
     observed_entries = entries_of(work, None if observed is None else observed.to(work))

@@ -10,6 +10,7 @@ the module class (:meth:`~lowrank.nn.base.FactorizedModule.from_dense`,
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,7 +77,8 @@ class Method:
         :meth:`~lowrank.nn.base.FactorizedModule.rank_matrices` (float64),
         one rank per matrix, or the ``spectra`` given instead (such as a
         whitened weight's); a :class:`~lowrank.rank.FixedRank` applies as it
-        is where the module has no such matrices.
+        is where the module has no such matrices. Every rank is clamped to the
+        policy's ``min_rank``/``max_rank`` and to the largest the module takes.
 
         Raises
         ------
@@ -88,9 +90,7 @@ class Method:
         """
         if isinstance(policy, ParamFraction):
             rank = self.rank_for_budget(layer, fraction_budget(policy.fraction, count_params(layer)))
-            if rank is None or self.budget_only:
-                return rank
-            return policy.clamp(rank) if isinstance(rank, int) else tuple(policy.clamp(r) for r in rank)
+            return rank if rank is None or self.budget_only else self._clamp(layer, policy, rank)
         if self.budget_only:
             raise ValueError(f"method {self.name!r} searches a structure within a parameter budget: give ratio= "
                              f"(or rank=ParamFraction(...)), not {policy}")
@@ -104,7 +104,18 @@ class Method:
             return ranks[0] if len(ranks) == 1 else ranks
         if not isinstance(policy, FixedRank):
             raise ValueError(f"{policy} picks ranks from singular values, which method {self.name!r} has none of")
-        return policy.clamp(policy.rank)
+        return self._clamp(layer, policy, policy.rank)
+
+    def _clamp(self, layer: nn.Module, policy: RankPolicy, rank: Any) -> Any:
+        """``rank`` (an int, or one per entry) within the policy's bounds and the largest the module takes.
+
+        The largest is the rank an unlimited budget gives (see ``rank_for_budget``).
+        """
+        largest = self.rank_for_budget(layer, sys.maxsize)
+        if isinstance(largest, int):
+            return policy.clamp(rank, largest)
+        ranks = (rank,) * len(largest) if isinstance(rank, int) else rank
+        return tuple(policy.clamp(r, upper) for r, upper in zip(ranks, largest))
 
 
 # Per layer kind, the methods that apply to it; the first is what method="auto" picks.

@@ -234,7 +234,7 @@ class TNLinear(FactorizedModule):
 
         """
         out_shape, in_shape = tensorized_shapes(tuple(linear_weight(layer).shape), out_shape, in_shape, d)
-        budget = max_params - bias_size(layer)
+        budget = check_int(max_params, "max_params", minimum=0) - bias_size(layer)
         return budget if budget >= sum(m * n for m, n in zip(out_shape, in_shape)) else None
 
     @property

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank.checks import check_choice, check_ranks
+from lowrank.checks import check_choice, check_int, check_ranks
 from lowrank.decompose import TTMatrix, tt_matrix
 from lowrank.decompose.tt import tt_bounds
 from lowrank.nn.base import FactorizedModule
@@ -364,7 +364,7 @@ class TTLinear(FactorizedModule):
         """
         out_shape, in_shape = tensorized_shapes(tuple(linear_weight(layer).shape), out_shape, in_shape, d)
         sizes = [m * n for m, n in zip(out_shape, in_shape)]
-        budget = max_params - bias_size(layer)
+        budget = check_int(max_params, "max_params", minimum=0) - bias_size(layer)
 
         def cost(rank: int) -> int:
             return sizes[0] * rank + sum(sizes[1:-1]) * rank**2 + sizes[-1] * rank

@@ -247,13 +247,15 @@ class RankPolicy:
     name: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        check_int(self.min_rank, "min_rank", minimum=0)
-        if self.max_rank is not None and (
-            isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int) or self.max_rank < 1
-        ):
-            raise ValueError(f"max_rank must be None or an int >= 1, got {self.max_rank!r}")
+        self._store("min_rank", check_int(self.min_rank, "min_rank", minimum=0))
+        if self.max_rank is not None:
+            self._store("max_rank", check_int(self.max_rank, "max_rank"))
         if self.max_rank is not None and self.max_rank < self.min_rank:
             raise ValueError(f"max_rank ({self.max_rank}) must be >= min_rank ({self.min_rank})")
+
+    def _store(self, name: str, value: object) -> None:
+        """Keep a checked field as its plain Python value (a NumPy scalar becomes an int or float)."""
+        object.__setattr__(self, name, value)
 
     def rule(self, singular_values: torch.Tensor | None, shape: tuple[int, int]) -> int:
         """The rule's own rank, before clamping (implemented by each policy)."""
@@ -325,7 +327,7 @@ class FixedRank(RankPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_int(self.rank, "rank")
+        self._store("rank", check_int(self.rank, "rank"))
 
     def rule(self, singular_values: torch.Tensor | None, shape: tuple[int, int]) -> int:
         """``rank``."""
@@ -337,7 +339,14 @@ class FixedRank(RankPolicy):
 
 @dataclass(frozen=True)
 class ParamFraction(RankPolicy):
-    """The largest rank whose factors fit ``fraction`` of the dense parameters (:func:`param_fraction_rank`)."""
+    """The largest rank whose factors fit ``fraction`` of the dense parameters.
+
+    On a matrix (:meth:`choose`), the matrix's own parameters
+    (:func:`param_fraction_rank`); applied to a layer (``compress(rank=...)``,
+    :meth:`lowrank.nn.Method.choose_rank`), the layer's, bias included: the
+    largest rank whose factorized module, factors and bias, fits ``fraction``
+    of the dense layer, which is what ``compress(ratio=fraction)`` gives.
+    """
 
     fraction: float
 
@@ -346,7 +355,7 @@ class ParamFraction(RankPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_fraction(self.fraction, "fraction")
+        self._store("fraction", check_fraction(self.fraction, "fraction"))
 
     def rule(self, singular_values: torch.Tensor | None, shape: tuple[int, int]) -> int:
         """:func:`param_fraction_rank` of ``shape``."""
@@ -366,7 +375,7 @@ class Energy(RankPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_fraction(self.energy, "energy")
+        self._store("energy", check_fraction(self.energy, "energy"))
 
     def rule(self, singular_values: torch.Tensor | None, shape: tuple[int, int]) -> int:
         """:func:`energy_rank` of the spectrum."""
@@ -392,7 +401,7 @@ class Threshold(RankPolicy):
         super().__post_init__()
         if not isinstance(self.relative, bool):
             raise ValueError(f"relative must be a bool, got {self.relative!r}")
-        _check_threshold(self.threshold, self.relative)
+        self._store("threshold", _check_threshold(self.threshold, self.relative))
 
     def rule(self, singular_values: torch.Tensor | None, shape: tuple[int, int]) -> int:
         """:func:`threshold_rank` of the spectrum."""
@@ -443,7 +452,7 @@ class HeavyTail(RankPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_fraction(self.threshold, "threshold", low_closed=True)
+        self._store("threshold", check_fraction(self.threshold, "threshold", low_closed=True))
 
     def rule(self, singular_values: torch.Tensor | None, shape: tuple[int, int]) -> int:
         """:func:`heavy_tail_rank` of the spectrum."""

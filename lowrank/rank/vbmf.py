@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lowrank.checks import check_positive
+
 # Candidate noise variances per refinement round of the free-energy minimisation, and the number
 # of rounds: each round zooms in on the best candidate's two neighbours.
 _GRID_POINTS = 256
@@ -265,11 +267,7 @@ def vbmf(singular_values: torch.Tensor, shape: Sequence[int], *, noise_variance:
         sigma2 = _estimate_noise_variance(squares, m, alpha, x_bar)
         threshold = math.sqrt(m * x_bar) * math.sqrt(sigma2)
         return VBMFResult(int((scaled > threshold).sum()), sigma2 * top * top, threshold * top)
-    if isinstance(noise_variance, bool) or not isinstance(noise_variance, (int, float)) or not (
-        math.isfinite(noise_variance) and noise_variance > 0
-    ):
-        raise ValueError(f"noise_variance must be a finite number > 0, got {noise_variance!r}")
-    sigma2 = float(noise_variance)
+    sigma2 = check_positive(noise_variance, "noise_variance")
     # sqrt(M x_bar) sqrt(sigma2), not sqrt(M sigma2 x_bar): the product overflows for a huge sigma2
     threshold = math.sqrt(m * x_bar) * math.sqrt(sigma2)
     return VBMFResult(int((s > threshold).sum()), sigma2, threshold)
