@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import lowrank
+from lowrank.calibrate.data import TEXT_BATCH_SIZE, TEXT_MAX_LENGTH
 from lowrank.data_aware import ALLOCATIONS
 from lowrank.nn import METHODS
 from lowrank.nn.dense import KINDS
@@ -108,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --calibration: calibrate every layer on the dense model's inputs")
     com.add_argument("--probes", dest="n_probes", type=int, metavar="N",
                      help="with --calibration: output probes per batch of the fisher allocation (default 1)")
-    com.add_argument("--batch-size", type=int, metavar="N", help="with --calibration: lines per batch (default 16)")
+    com.add_argument("--batch-size", type=int, metavar="N",
+                     help=f"with --calibration: lines per batch (default {TEXT_BATCH_SIZE})")
     com.add_argument("--max-length", type=int, metavar="N",
-                     help="with --calibration: longest tokenised line, in tokens (default 128)")
+                     help=f"with --calibration: longest tokenised line, in tokens (default {TEXT_MAX_LENGTH})")
     heal = lowrank.HealConfig()
     com.add_argument("--heal-steps", type=int, default=heal.steps, metavar="N",
                      help="with --calibration: N steps of distillation towards the dense model after compressing")

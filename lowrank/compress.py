@@ -187,8 +187,8 @@ def compress(
         healing_targets = reference_outputs(model, calibrated.data) if heal.enabled else None
         if calibrated_layers:
             report.layers += _compress_calibrated(model, calibrated_layers, calibrated, policy, budget, progress)
-    originals = [(target.name, target.module) for target in selected
-                 if target.name in calibrated_layers or target.name in dict(replacements)]
+    replaced = set(calibrated_layers) | {name for name, _ in replacements}
+    originals = [(target.name, target.module) for target in selected if target.name in replaced]
     try:
         swap_modules(model, replacements)
         if heal.enabled:
@@ -318,7 +318,7 @@ def _compress_calibrated(
     rows = []
     for plan in plans:
         layer = layers[plan.name]
-        row = LayerReport.dense(plan.name, layer, "svd", plan.skip_reason)
+        row = LayerReport.dense(plan.name, layer, LOW_RANK.name, plan.skip_reason)
         row.rank, row.output_error = plan.rank, plan.output_error
         if plan.module is not None:
             row.record(layer, plan.module)

@@ -34,6 +34,7 @@ from lowrank.calibrate import (
     CalibrationBatch,
     asvd_low_rank,
     calibration_batches,
+    check_probes,
     collect_input_statistics,
     collect_output_fisher,
     collect_paired_statistics,
@@ -43,9 +44,10 @@ from lowrank.calibrate import (
     run_calibration,
     whitened_low_rank,
 )
-from lowrank.checks import check_bool, check_choice, check_int
+from lowrank.calibrate.data import TEXT_BATCH_SIZE, TEXT_MAX_LENGTH
+from lowrank.checks import check_bool, check_choice
 from lowrank.nn import METHODS, LowRankLinear
-from lowrank.nn.dense import bias_size, count_params, linear_type, linear_weight
+from lowrank.nn.dense import bias_size, count_params, linear_bias, linear_type, linear_weight
 from lowrank.nn.surgery import swap_modules
 from lowrank.rank import LayerBudget, ParamFraction, RankPolicy, allocate_ranks
 from lowrank.rank.budget import fraction_budget
@@ -118,8 +120,8 @@ class CalibrationConfig:
     refit: bool = True
     n_probes: int = 1
     loss_fn: Callable[[nn.Module, CalibrationBatch], torch.Tensor] | None = None
-    batch_size: InitVar[int] = 16
-    max_length: InitVar[int | None] = 128
+    batch_size: InitVar[int] = TEXT_BATCH_SIZE
+    max_length: InitVar[int | None] = TEXT_MAX_LENGTH
 
     def __post_init__(self, tokenizer: Any, batch_size: int, max_length: int | None) -> None:
         if self.allocation is not None:
@@ -128,13 +130,10 @@ class CalibrationConfig:
             raise ValueError(f"CalibrationConfig.whiten must be True, False or 'asvd', got {self.whiten!r}")
         for name in ("sequential", "refit"):
             object.__setattr__(self, name, check_bool(getattr(self, name), f"CalibrationConfig.{name}"))
-        object.__setattr__(self, "n_probes", check_int(self.n_probes, "CalibrationConfig.n_probes"))
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ValueError(f"CalibrationConfig.loss_fn must be a callable (model, batch) -> loss, "
                              f"got {self.loss_fn!r}")
-        if self.loss_fn is not None and self.n_probes != 1:
-            raise ValueError("CalibrationConfig.n_probes applies to the default probe loss only; "
-                             f"got n_probes={self.n_probes} with loss_fn")
+        object.__setattr__(self, "n_probes", check_probes(self.n_probes, self.loss_fn, "CalibrationConfig.n_probes"))
         if self.allocation == "sensitivity" and self.loss_fn is None:
             raise ValueError("allocation='sensitivity' needs loss_fn=: the distance to the dense model has no "
                              "first-order change at the dense model")
@@ -308,11 +307,10 @@ def choose_ranks(
     budgets = []
     for name, layer in layers.items():
         out_features, in_features = linear_weight(layer).shape
-        bias = bias_size(layer)
         scores = spectra[name].double() ** 2
         if allocation == "energy":
             scores = scores / scores.sum().clamp_min(torch.finfo(torch.float64).tiny)
-        budgets.append(LayerBudget(scores, out_features + in_features, bias, out_features * in_features + bias,
+        budgets.append(LayerBudget(scores, out_features + in_features, bias_size(layer), count_params(layer),
                                    min(break_even_rank(layer), scores.numel())))
     total = sum(b.dense_params for b in budgets)
     chosen = allocate_ranks(budgets, fraction_budget(ratio, total))
@@ -462,7 +460,7 @@ def _plan_layer(
             first, second, _ = whitened_low_rank(weight, gram, rank)
         if cross is not None:
             second = refit_second(weight, first, gram, cross)
-        bias = None if layer.bias is None else layer.bias.detach()
+        bias = linear_bias(layer)
         module = LowRankLinear.from_factors(first, second, bias, linear_type(layer), dtype=layer.weight.dtype)
     else:
         module = LOW_RANK.from_dense(layer, rank)

@@ -39,7 +39,7 @@ from lowrank.calibrate.data import (
     check_calibration,
     run_calibration,
 )
-from lowrank.calibrate.fisher import collect_output_fisher, model_output_tensor
+from lowrank.calibrate.fisher import check_probes, collect_output_fisher, model_output_tensor
 from lowrank.calibrate.gradients import collect_weight_gradients
 from lowrank.calibrate.hooks import counted_rows, eval_mode
 from lowrank.calibrate.inputs import InputStatistics, collect_input_statistics, collect_paired_statistics
@@ -60,6 +60,7 @@ __all__ = [
     "check_calibration",
     "cholesky_factor",
     "collect_input_statistics",
+    "check_probes",
     "collect_output_fisher",
     "collect_paired_statistics",
     "collect_weight_gradients",

@@ -69,6 +69,10 @@ class CalibrationBatch:
         return CalibrationBatch(_to_device(self.args, device), _to_device(self.kwargs, device), mask)
 
 
+# Texts per batch and tokens per text when calibration texts are tokenised (calibration_batches).
+TEXT_BATCH_SIZE = 16
+TEXT_MAX_LENGTH = 128
+
 # A calibration set: ready batches, or a callable that runs the model itself.
 Calibration = Sequence[CalibrationBatch] | Callable[[nn.Module], None]
 
@@ -137,8 +141,8 @@ def calibration_batches(
     data: Any,
     *,
     tokenizer: Any = None,
-    batch_size: int = 16,
-    max_length: int | None = 128,
+    batch_size: int = TEXT_BATCH_SIZE,
+    max_length: int | None = TEXT_MAX_LENGTH,
     device: torch.device | str | None = None,
     max_batches: int | None = None,
 ) -> list[CalibrationBatch]:

@@ -146,6 +146,14 @@ class _OutputFisher:
         return fisher
 
 
+def check_probes(n_probes: int, loss_fn: LossFn | None, name: str = "n_probes") -> int:
+    """``n_probes`` as an int >= 1, and 1 with a ``loss_fn`` (whose empirical Fisher takes no probes)."""
+    n_probes = check_int(n_probes, name)
+    if loss_fn is not None and n_probes != 1:
+        raise ValueError(f"{name} applies to the default probe loss only; got {name}={n_probes} with loss_fn")
+    return n_probes
+
+
 def collect_output_fisher(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
@@ -234,9 +242,7 @@ def collect_output_fisher(
 
     """
     check_layers(layers)
-    n_probes = check_int(n_probes, "n_probes")
-    if loss_fn is not None and n_probes != 1:
-        raise ValueError(f"n_probes applies to the default probe loss only; got n_probes={n_probes} with loss_fn")
+    n_probes = check_probes(n_probes, loss_fn)
     check_calibration(calibration, needs_batches=None if loss_fn is None else "loss_fn")
     fisher = _OutputFisher(layers, n_probes, seed)
     with ExitStack() as hooks:

@@ -35,6 +35,11 @@ def linear_type(layer: nn.Module) -> str:
     return "Conv1D" if is_hf_conv1d(layer) else "Linear"
 
 
+def linear_bias(layer: nn.Module) -> torch.Tensor | None:
+    """The bias of an ``nn.Linear`` or a Hugging Face ``Conv1D``, detached (None without one)."""
+    return None if layer.bias is None else layer.bias.detach()
+
+
 def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, dense_type: str = "Linear") -> nn.Module:
     """An ``nn.Linear`` (or a Hugging Face ``Conv1D``) holding an ``(out, in)`` weight and a bias."""
     out_features, in_features = weight.shape

@@ -12,7 +12,7 @@ from torch import nn
 from lowrank.checks import check_choice, check_ranks
 from lowrank.decompose import SVD, svd
 from lowrank.nn.base import FactorizedModule
-from lowrank.nn.dense import LINEAR_TYPES, bias_size, dense_linear, linear_type, linear_weight
+from lowrank.nn.dense import LINEAR_TYPES, bias_size, dense_linear, linear_bias, linear_type, linear_weight
 from lowrank.rank.budget import budget_rank
 
 
@@ -126,7 +126,7 @@ class LowRankLinear(FactorizedModule):
         """
         weight = linear_weight(layer).detach()
         factorization = svd(weight, rank, **svd_options)
-        bias = None if layer.bias is None else layer.bias.detach()
+        bias = linear_bias(layer)
         return cls.from_factorization(factorization, bias, linear_type(layer))
 
     @classmethod

@@ -105,6 +105,11 @@ def tensorized_shapes(
     return shapes[0], shapes[1]
 
 
+def paired_sizes(out_shape: Sequence[int], in_shape: Sequence[int]) -> list[int]:
+    """The mode sizes ``m_k * n_k`` of a weight tensorised with ``out_shape`` and ``in_shape``."""
+    return [m * n for m, n in zip(out_shape, in_shape)]
+
+
 def tensorize_weight(weight: torch.Tensor, out_shape: Sequence[int], in_shape: Sequence[int]) -> torch.Tensor:
     """An ``(out, in)`` weight as a ``d``-way tensor whose mode ``k`` pairs ``out_shape[k]`` with ``in_shape[k]``.
 
@@ -114,4 +119,4 @@ def tensorize_weight(weight: torch.Tensor, out_shape: Sequence[int], in_shape: S
     d = len(out_shape)
     tensor = weight.reshape(*out_shape, *in_shape)
     tensor = tensor.permute([p for k in range(d) for p in (k, d + k)])
-    return tensor.reshape([m * n for m, n in zip(out_shape, in_shape)])
+    return tensor.reshape(paired_sizes(out_shape, in_shape))

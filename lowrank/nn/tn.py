@@ -14,8 +14,8 @@ from lowrank.checks import check_choice, check_int
 from lowrank.decompose import TensorNetwork, tn
 from lowrank.decompose.factorizations import network_expression, network_subscripts
 from lowrank.nn.base import FactorizedModule
-from lowrank.nn.dense import LINEAR_TYPES, bias_size, dense_linear, linear_type, linear_weight
-from lowrank.nn.tensorize import factor_shape, tensorize_weight, tensorized_shapes
+from lowrank.nn.dense import LINEAR_TYPES, bias_size, dense_linear, linear_bias, linear_type, linear_weight
+from lowrank.nn.tensorize import factor_shape, paired_sizes, tensorize_weight, tensorized_shapes
 
 
 def _checked_bonds(bonds: Sequence[Sequence[int]], d: int) -> tuple[tuple[int, int, int], ...]:
@@ -96,7 +96,7 @@ class TNLinear(FactorizedModule):
         self.n_internal = n_internal
         self.in_features, self.out_features = math.prod(in_shape), math.prod(out_shape)
         self.bonds = _checked_bonds(bonds, n_cores)
-        sizes = [m * n for m, n in zip(out_shape, in_shape)] + [1] * n_internal
+        sizes = paired_sizes(out_shape, in_shape) + [1] * n_internal
         ranks = [[sizes[i] if i == j else 1 for j in range(n_cores)] for i in range(n_cores)]
         for i, j, rank in self.bonds:
             ranks[i][j] = ranks[j][i] = rank
@@ -145,7 +145,7 @@ class TNLinear(FactorizedModule):
         """
         if not isinstance(network, TensorNetwork):
             raise TypeError(f"network must be a lowrank TensorNetwork, got {type(network).__name__}")
-        sizes = tuple(m * n for m, n in zip(out_shape, in_shape))
+        sizes = tuple(paired_sizes(out_shape, in_shape))
         if network.shape != sizes or len(out_shape) != len(in_shape):
             raise ValueError(
                 f"the network's shape {network.shape} must be the paired sizes {sizes} of out_shape "
@@ -207,7 +207,7 @@ class TNLinear(FactorizedModule):
         weight = linear_weight(layer).detach()
         out_shape, in_shape = tensorized_shapes(tuple(weight.shape), out_shape, in_shape, d)
         network = tn(tensorize_weight(weight, out_shape, in_shape), tol=tol, max_params=rank, **search_options)
-        bias = None if layer.bias is None else layer.bias.detach()
+        bias = linear_bias(layer)
         return cls.from_network(network, out_shape, in_shape, bias, linear_type(layer))
 
     @classmethod
@@ -235,7 +235,7 @@ class TNLinear(FactorizedModule):
         """
         out_shape, in_shape = tensorized_shapes(tuple(linear_weight(layer).shape), out_shape, in_shape, d)
         budget = check_int(max_params, "max_params", minimum=0) - bias_size(layer)
-        return budget if budget >= sum(m * n for m, n in zip(out_shape, in_shape)) else None
+        return budget if budget >= sum(paired_sizes(out_shape, in_shape)) else None
 
     @property
     def reported_rank(self) -> tuple[int, ...]:

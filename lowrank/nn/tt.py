@@ -15,8 +15,8 @@ from lowrank.checks import check_choice, check_int, check_ranks
 from lowrank.decompose import TTMatrix, tt_matrix
 from lowrank.decompose.tt import tt_bounds
 from lowrank.nn.base import FactorizedModule
-from lowrank.nn.dense import LINEAR_TYPES, bias_size, dense_linear, linear_type, linear_weight
-from lowrank.nn.tensorize import factor_shape, tensorized_shapes
+from lowrank.nn.dense import LINEAR_TYPES, bias_size, dense_linear, linear_bias, linear_type, linear_weight
+from lowrank.nn.tensorize import factor_shape, paired_sizes, tensorized_shapes
 from lowrank.rank.budget import largest_fitting
 
 # How many multiply-accumulates writing one element of an intermediate is worth when plans are compared:
@@ -336,7 +336,7 @@ class TTLinear(FactorizedModule):
         weight = linear_weight(layer).detach()
         out_shape, in_shape = tensorized_shapes(tuple(weight.shape), out_shape, in_shape, d)
         factorization = tt_matrix(weight, out_shape, in_shape, rank, tol=tol, **tt_options)
-        bias = None if layer.bias is None else layer.bias.detach()
+        bias = linear_bias(layer)
         return cls.from_factorization(factorization, bias, linear_type(layer))
 
     @classmethod
@@ -363,7 +363,7 @@ class TTLinear(FactorizedModule):
 
         """
         out_shape, in_shape = tensorized_shapes(tuple(linear_weight(layer).shape), out_shape, in_shape, d)
-        sizes = [m * n for m, n in zip(out_shape, in_shape)]
+        sizes = paired_sizes(out_shape, in_shape)
         budget = check_int(max_params, "max_params", minimum=0) - bias_size(layer)
 
         def cost(rank: int) -> int:
