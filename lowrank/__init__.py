@@ -6,12 +6,12 @@ containers); ``lowrank.compress(model, ratio=0.5)`` replaces a model's layers
 by the factorized modules of :mod:`lowrank.nn`, its choices grouped in
 :class:`Targets` (which layers), :class:`CalibrationConfig` and
 :class:`HealConfig`; ``lowrank.save`` and ``lowrank.load`` write and read
-compressed checkpoints.
+compressed checkpoints; :mod:`lowrank.train` trains with rank regularization.
 """
 
 __version__ = "0.2.0"
 
-from lowrank import calibrate, decompose, nn, rank  # noqa: E402
+from lowrank import calibrate, decompose, nn, rank, train  # noqa: E402
 from lowrank.compress import compress  # noqa: E402
 from lowrank.data_aware import CalibrationConfig  # noqa: E402
 from lowrank.decompose import CP, SVD, TR, TT, Factorization, TTMatrix, Tucker  # noqa: E402
@@ -41,4 +41,5 @@ __all__ = [
     "nn",
     "rank",
     "save",
+    "train",
 ]

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
 
+from lowrank.nn.base import FactorizedModule
 from lowrank.nn.dense import KINDS, layer_kind
 
 
@@ -60,7 +61,9 @@ class Targets:
 
     A layer is targeted when its kind is in ``kinds``, its name matches one of
     ``include`` (if given) and none of ``exclude``, and ``filter_fn`` (if
-    given) is true for it. Factorized modules have no kind: they are never targeted.
+    given) is true for it. :meth:`select` finds dense layers (factorized
+    modules are never targeted twice); :meth:`select_factorized` finds the
+    factorized modules, by the kind of the layer each replaced.
 
     Attributes
     ----------
@@ -102,7 +105,8 @@ class Targets:
 
     def matches(self, name: str, module: nn.Module) -> bool:
         """Whether the layer called ``name`` is targeted (output heads included)."""
-        if layer_kind(module) not in self.kinds:
+        kind = module.kind if isinstance(module, FactorizedModule) else layer_kind(module)
+        if kind not in self.kinds:
             return False
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
             return False
@@ -121,16 +125,37 @@ class Targets:
 
         """
         heads = output_heads(model)
+        return self._select(model, lambda module: layer_kind(module) in self.kinds, heads, "layer")
+
+    def select_factorized(self, model: nn.Module) -> list[Target]:
+        """The targeted factorized modules of ``model`` (``kind`` that of the layer each replaced).
+
+        Raises
+        ------
+        ValueError
+            If no factorized module is targeted (the message lists those the model has).
+
+        """
+        def candidate(module: nn.Module) -> bool:
+            return isinstance(module, FactorizedModule) and module.kind in self.kinds
+
+        return self._select(model, candidate, set(), "factorized module")
+
+    def _select(
+        self, model: nn.Module, candidate: Callable[[nn.Module], bool], heads: set[int], what: str
+    ) -> list[Target]:
+        """The targets among the ``candidate`` modules, or a ValueError naming the candidates."""
         targets = [
-            Target(name, module, layer_kind(module), id(module) in heads)
+            Target(name, module, module.kind if isinstance(module, FactorizedModule) else layer_kind(module),
+                   id(module) in heads)
             for name, module in model.named_modules()
-            if self.matches(name, module)
+            if candidate(module) and self.matches(name, module)
         ]
         if not targets:
-            candidates = [name for name, module in model.named_modules() if layer_kind(module) in self.kinds]
+            candidates = [name for name, module in model.named_modules() if candidate(module)]
             shown = ", ".join(candidates[:8]) + (f" and {len(candidates) - 8} more" if len(candidates) > 8 else "")
-            found = f"its layers of those kinds are {shown}" if candidates else "it has no layer of those kinds"
-            raise ValueError(f"no layer of the {type(model).__name__} matches the targets {self.describe()}; {found}")
+            found = f"its {what}s of those kinds are {shown}" if candidates else f"it has no {what} of those kinds"
+            raise ValueError(f"no {what} of the {type(model).__name__} matches the targets {self.describe()}; {found}")
         return targets
 
     def describe(self) -> str:
@@ -152,6 +177,17 @@ class Targets:
             "kinds": list(self.kinds),
             "filter_fn": None if self.filter_fn is None else getattr(self.filter_fn, "__name__", "callable"),
         }
+
+
+def targets_from(targets: Targets | None, **shortcuts: Any) -> Targets:
+    """``targets`` (default :class:`Targets`) with the keyword shortcuts that are not None applied.
+
+    The shortcuts are ``include``, ``exclude``, ``kinds`` and ``filter_fn``, as
+    every job that takes ``targets=`` also accepts them.
+    """
+    if targets is not None and not isinstance(targets, Targets):
+        raise TypeError(f"targets= takes a lowrank.Targets (name globs go to include=), got {type(targets).__name__}")
+    return replace(targets or Targets(), **{name: value for name, value in shortcuts.items() if value is not None})
 
 
 def output_heads(model: nn.Module) -> set[int]:

@@ -97,8 +97,25 @@ def _check_decompose_tour(text: str) -> None:
     assert 1 <= int(svd[1]) <= 120 and float(svd[2]) <= 0.5  # within the tolerance asked for
 
 
+def _check_train_lowrank(text: str) -> None:
+    found = {name: (float(accuracy), int(params.replace(",", ""))) for name, accuracy, params in re.findall(
+        r"^(dense|TRP|scheduler): accuracy ([0-9.]+), parameters ([0-9,]+)", text, re.MULTILINE)}
+    assert set(found) == {"dense", "TRP", "scheduler"}, text
+    dense_accuracy, dense_params = found["dense"]
+    assert dense_accuracy > 0.9
+    assert found["TRP"][1] < dense_params and found["scheduler"][1] < dense_params
+    # the scheduler ends within its budget: the hidden layers at 40% of (64*128 + 128) + (128*128 + 128)
+    assert found["scheduler"][1] <= int(0.4 * (64 * 128 + 128 + 128 * 128 + 128)) + 128 * 10 + 10
+    assert all(accuracy > dense_accuracy - 0.1 for accuracy, _ in found.values())
+    history = re.search(r"rank history: TRP (\d+) truncations, scheduler (\d+) mask updates", text)
+    assert history is not None and int(history[1]) > 10 and int(history[2]) > 10, text
+
+
 # What a notebook prints, checked where that is cheap (notebooks not listed get the generic checks).
-OUTPUT_CHECKS: dict[str, Callable[[str], None]] = {"decompose_tour.ipynb": _check_decompose_tour}
+OUTPUT_CHECKS: dict[str, Callable[[str], None]] = {
+    "decompose_tour.ipynb": _check_decompose_tour,
+    "train_lowrank.ipynb": _check_train_lowrank,
+}
 
 
 def test_notebooks_are_found():

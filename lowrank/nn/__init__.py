@@ -6,7 +6,8 @@ empty from its ``config()``, and turned back into a dense layer with
 ``to_dense()``. :data:`METHODS` maps method names, per layer kind, to them.
 
 The submodules each hold one idea: ``linear``, ``embedding``, ``conv/``
-(``tucker2``, ``cp``, ``svd``), ``tt`` and ``tn`` the modules; ``base`` their
+(``tucker2``, ``cp``, ``svd``), ``tt`` and ``tn`` the modules (``dlrt`` the
+rank-adaptive layer that :class:`lowrank.train.DLRT` trains); ``base`` their
 interface; ``registry`` the method names; ``dense`` facts about the dense
 layers they replace (weights, kinds, costs); ``tensorize`` the tensor view of
 a linear weight; ``surgery`` swapping modules and freezing parameters.
@@ -14,6 +15,7 @@ a linear weight; ``surgery`` swapping modules and freezing parameters.
 
 from lowrank.nn.base import FactorizedModule, UnsupportedLayerError
 from lowrank.nn.conv import CPConv, SVDConv, Tucker2Conv
+from lowrank.nn.dlrt import DLRTLinear
 from lowrank.nn.embedding import LowRankEmbedding
 from lowrank.nn.linear import LowRankLinear
 from lowrank.nn.registry import METHODS, MODULES, Method, module_class, resolve_methods
@@ -24,6 +26,7 @@ __all__ = [
     "METHODS",
     "MODULES",
     "CPConv",
+    "DLRTLinear",
     "FactorizedModule",
     "LowRankEmbedding",
     "LowRankLinear",

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank.nn.components import RankAxis, RankDropout
+
 # What a module's rank is: an int (a matrix rank, a CP rank, a TT bond rank), or one int per entry
 # (Tucker-2's (r_out, r_in), a TT's bonds).
 Rank = int | tuple[int, ...]
@@ -29,8 +31,15 @@ class FactorizedModule(nn.Module):
       (``cls.rank_matrices(layer)``);
     - rebuilds an equivalent dense layer with :meth:`to_dense`;
     - counts its parameters (:attr:`num_params`) and estimates its forward
-      cost (:meth:`flops`).
+      cost (:meth:`flops`);
+    - where it has rank components, lists them (:meth:`rank_axes`, see
+      :mod:`lowrank.nn.components`) and can drop them at random in training
+      (:meth:`set_rank_dropout`).
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rank_dropout: RankDropout | None = None
 
     @classmethod
     def from_dense(cls, layer: nn.Module, rank: Any, **options: Any) -> FactorizedModule:
@@ -59,6 +68,39 @@ class FactorizedModule(nn.Module):
         """
         return []
 
+    @property
+    def kind(self) -> str:
+        """The kind of layer it replaced, as :func:`lowrank.nn.dense.layer_kind` names it."""
+        return "linear"
+
+    def rank_axes(self) -> list[RankAxis]:
+        """The module's ranks and the parameter slices each rank component owns.
+
+        Empty for modules whose ranks are no sum of components (tensor trains
+        and networks, whose bond ranks are internal).
+        """
+        return []
+
+    def set_rank_dropout(self, p: float, ordered: bool = False) -> None:
+        """Drop whole rank components during training with probability ``p`` (0 turns it off).
+
+        See :class:`~lowrank.nn.components.RankDropout`. The option is not part
+        of :meth:`config`: it changes training, not the module's structure.
+
+        Raises
+        ------
+        ValueError
+            If the module has no rank components (:meth:`rank_axes` is empty).
+
+        """
+        if not self.rank_axes():
+            raise ValueError(f"{type(self).__name__} has no rank components to drop")
+        self.rank_dropout = RankDropout(p, ordered) if p else None
+
+    def _drop_components(self, h: torch.Tensor, dim: int, groups: int = 1) -> torch.Tensor:
+        """``h`` (a rank bottleneck along ``dim``) through the rank dropout, if the module has one."""
+        return h if self.rank_dropout is None else self.rank_dropout(h, dim, groups)
+
     def config(self) -> dict[str, Any]:
         """The keyword arguments of ``__init__`` that rebuild this module's structure (JSON-able)."""
         raise NotImplementedError
@@ -75,6 +117,14 @@ class FactorizedModule(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The weight of :meth:`to_dense`, in the dense layer's own layout (for checks, not used in forward)."""
         return self.to_dense().weight
+
+    def weight_norm_sq(self) -> torch.Tensor:
+        """``||W||_F^2`` of the dense weight the factors make, differentiable (Frobenius decay's term).
+
+        Modules whose factors allow it compute it from small Gram matrices
+        instead of rebuilding ``W`` (the ``weight`` property every module has).
+        """
+        return self.weight.square().sum()
 
     def flops(self, input_shape: tuple[int, ...]) -> int:
         """Multiply-accumulate operations of one forward pass on an input of ``input_shape``.

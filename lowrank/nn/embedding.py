@@ -12,6 +12,7 @@ from torch import nn
 from lowrank.checks import check_ranks
 from lowrank.decompose import svd
 from lowrank.nn.base import FactorizedModule, UnsupportedLayerError
+from lowrank.nn.components import RankAxis
 from lowrank.rank.budget import budget_rank
 
 
@@ -95,12 +96,25 @@ class LowRankEmbedding(FactorizedModule):
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         """Look up ``table`` rows and project them to ``embedding_dim``."""
         rows = F.embedding(indices, self.table, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
-        return F.linear(rows, self.projection)
+        return F.linear(self._drop_components(rows, -1), self.projection)
+
+    @property
+    def kind(self) -> str:
+        """``"embedding"``."""
+        return "embedding"
+
+    def rank_axes(self) -> list[RankAxis]:
+        """One axis: component ``i`` is ``table[:, i] projection[:, i]^T``."""
+        return [RankAxis("rank", self.rank, (("table", 1, False), ("projection", 1, False)))]
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense ``(num_embeddings, embedding_dim)`` table, rebuilt on every access (not used in forward)."""
         return self.table @ self.projection.T
+
+    def weight_norm_sq(self) -> torch.Tensor:
+        """``||table @ projection.T||_F^2`` from the two ``rank x rank`` Gram matrices."""
+        return ((self.table.T @ self.table) * (self.projection.T @ self.projection)).sum()
 
     def to_dense(self) -> nn.Embedding:
         """An ``nn.Embedding`` holding ``table @ projection.T``."""

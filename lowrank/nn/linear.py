@@ -12,6 +12,7 @@ from torch import nn
 from lowrank.checks import check_choice, check_ranks
 from lowrank.decompose import SVD, svd
 from lowrank.nn.base import FactorizedModule
+from lowrank.nn.components import RankAxis
 from lowrank.nn.dense import LINEAR_TYPES, bias_size, dense_linear, linear_bias, linear_type, linear_weight
 from lowrank.rank.budget import budget_rank
 
@@ -154,9 +155,13 @@ class LowRankLinear(FactorizedModule):
         """The rank."""
         return self.rank
 
+    def rank_axes(self) -> list[RankAxis]:
+        """One axis: component ``i`` is ``second[:, i] first[i, :]``."""
+        return [RankAxis("rank", self.rank, (("first", 0, False), ("second", 1, False)))]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(x @ first.T) @ second.T + bias``."""
-        return F.linear(F.linear(x, self.first), self.second, self.bias)
+        return F.linear(self._drop_components(F.linear(x, self.first), -1), self.second, self.bias)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -169,6 +174,10 @@ class LowRankLinear(FactorizedModule):
     def dense_weight(self) -> torch.Tensor:
         """The product of the factors, ``(in, out)`` for a ``Conv1D`` and ``(out, in)`` otherwise."""
         return self.weight.T if self.dense_type == "Conv1D" else self.weight
+
+    def weight_norm_sq(self) -> torch.Tensor:
+        """``||second @ first||_F^2`` from the two ``rank x rank`` Gram matrices."""
+        return ((self.first @ self.first.T) * (self.second.T @ self.second)).sum()
 
     def to_dense(self) -> nn.Module:
         """An ``nn.Linear`` (or ``Conv1D``) with the product of the factors as weight."""

@@ -21,6 +21,7 @@ from torch import nn
 from lowrank.nn.base import FactorizedModule
 from lowrank.nn.conv import CPConv, SVDConv, Tucker2Conv
 from lowrank.nn.dense import count_params
+from lowrank.nn.dlrt import DLRTLinear
 from lowrank.nn.embedding import LowRankEmbedding
 from lowrank.nn.linear import LowRankLinear
 from lowrank.nn.tn import TNLinear
@@ -138,9 +139,11 @@ METHODS: dict[str, dict[str, Method]] = {
     "embedding": {"svd": Method("svd", LowRankEmbedding)},
 }
 
-# Every factorized module class by name, as a saved plan records it.
+# Every factorized module class by name, as a saved plan records it (DLRTLinear is no compression method: the
+# training method lowrank.train.DLRT makes it, and a checkpoint taken while training holds it).
 MODULES: dict[str, type[FactorizedModule]] = {
-    cls.__name__: cls for cls in (LowRankLinear, LowRankEmbedding, Tucker2Conv, CPConv, SVDConv, TTLinear, TNLinear)
+    cls.__name__: cls
+    for cls in (LowRankLinear, LowRankEmbedding, Tucker2Conv, CPConv, SVDConv, TTLinear, TNLinear, DLRTLinear)
 }
 
 

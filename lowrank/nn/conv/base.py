@@ -175,6 +175,11 @@ class FactorizedConv(FactorizedModule):
         self.padding_mode = padding_mode
         self._conv = CONV_FUNCTIONS[n]
 
+    @property
+    def kind(self) -> str:
+        """``"pointwise"`` for a 1x1 kernel, ``"conv"`` otherwise."""
+        return "pointwise" if all(k == 1 for k in self.kernel_size) else "conv"
+
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` padded in every spatial dimension for a non-zero padding mode, unchanged for ``"zeros"``.
 

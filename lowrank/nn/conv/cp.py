@@ -11,6 +11,7 @@ from torch import nn
 
 from lowrank.checks import check_int, check_ranks
 from lowrank.decompose import CP, cp
+from lowrank.nn.components import RankAxis
 from lowrank.nn.conv.base import (
     FactorizedConv,
     conv_hyperparameters,
@@ -202,10 +203,15 @@ class CPConv(FactorizedConv):
         """The CP rank per group."""
         return self.rank
 
+    def rank_axes(self) -> list[RankAxis]:
+        """One axis: component ``i`` is channel ``i`` of ``first``, of every spatial factor and of ``last``."""
+        spatial = tuple((f"spatial.{i}", 0, True) for i in range(len(self.spatial)))
+        return [RankAxis("rank", self.rank, (("first", 0, True), *spatial, ("last", 1, False)))]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """1x1 convolution to ``R`` channels, a depthwise convolution per spatial dimension, 1x1 to ``out``."""
         x, unbatched = self._batched(x)
-        h = self._pad(pointwise_in(x, self.first, self.groups))
+        h = self._pad(self._drop_components(pointwise_in(x, self.first, self.groups), 1, self.groups))
         for i, kernel in enumerate(self.spatial):
             h = self._conv(h, kernel, groups=kernel.shape[0], **self._stage([i]))
         out = pointwise_out(h, self.last, self.bias, self.groups)

@@ -12,6 +12,7 @@ from torch import nn
 from lowrank.checks import check_choice, check_int, check_ranks
 from lowrank.decompose import svd
 from lowrank.nn.base import UnsupportedLayerError
+from lowrank.nn.components import RankAxis
 from lowrank.nn.conv.base import (
     FactorizedConv,
     conv_hyperparameters,
@@ -261,16 +262,20 @@ class SVDConv(FactorizedConv):
         """The rank (per group for ``"channel"``)."""
         return self.rank
 
+    def rank_axes(self) -> list[RankAxis]:
+        """One axis: component ``i`` is output channel ``i`` of ``first`` (each group) and input ``i`` of ``second``."""
+        return [RankAxis("rank", self.rank, (("first", 0, True), ("second", 1, False)))]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The two convolutions of the scheme."""
         x, unbatched = self._batched(x)
         h = self._pad(x)
         if self.scheme == "spatial":
-            h = self._conv(h, self.first, **self._stage([0]))
+            h = self._drop_components(self._conv(h, self.first, **self._stage([0])), 1)
             out = self._conv(h, self.second, self.bias, **self._stage([1]))
         else:
             h = self._conv(h, self.first, groups=self.groups, **self._stage(range(len(self.kernel_size))))
-            out = pointwise_out(h, self.second, self.bias, self.groups)
+            out = pointwise_out(self._drop_components(h, 1, self.groups), self.second, self.bias, self.groups)
         return out.squeeze(0) if unbatched else out
 
     @property

@@ -12,6 +12,7 @@ from torch import nn
 from lowrank.checks import check_int, check_ranks
 from lowrank.decompose import tucker
 from lowrank.nn.base import UnsupportedLayerError
+from lowrank.nn.components import RankAxis
 from lowrank.nn.conv.base import (
     FactorizedConv,
     channels_last,
@@ -253,12 +254,23 @@ class Tucker2Conv(FactorizedConv):
         """The ranks ``(r_out, r_in)`` per group."""
         return self.ranks
 
+    def rank_axes(self) -> list[RankAxis]:
+        """Two axes: ``r_out`` (a core output channel and its column of ``last``) and ``r_in``.
+
+        Component ``j`` of ``r_in`` is output channel ``j`` of ``first`` and input channel ``j`` of the core.
+        """
+        r_out, r_in = self.ranks
+        return [
+            RankAxis("r_out", r_out, (("core", 0, True), ("last", 1, False)), "ranks", 0),
+            RankAxis("r_in", r_in, (("first", 0, True), ("core", 1, False)), "ranks", 1),
+        ]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """1x1 convolution to ``r_in`` channels, core convolution, 1x1 convolution to ``out_channels``."""
         x, unbatched = self._batched(x)
-        h = self._pad(self._conv(x, self.first, groups=self.groups))
+        h = self._pad(self._drop_components(self._conv(x, self.first, groups=self.groups), 1, self.groups))
         h = self._conv(h, channels_last(self.core), groups=self.groups, **self._stage(range(len(self.kernel_size))))
-        out = pointwise_out(h, self.last, self.bias, self.groups)
+        out = pointwise_out(self._drop_components(h, 1, self.groups), self.last, self.bias, self.groups)
         return out.squeeze(0) if unbatched else out
 
     @property
