@@ -179,6 +179,10 @@ class Targets:
         }
 
 
+# The fields of Targets that every job also takes as keyword arguments.
+TARGET_SHORTCUTS = ("include", "exclude", "kinds", "filter_fn")
+
+
 def targets_from(targets: Targets | None, **shortcuts: Any) -> Targets:
     """``targets`` (default :class:`Targets`) with the keyword shortcuts that are not None applied.
 
@@ -187,6 +191,10 @@ def targets_from(targets: Targets | None, **shortcuts: Any) -> Targets:
     """
     if targets is not None and not isinstance(targets, Targets):
         raise TypeError(f"targets= takes a lowrank.Targets (name globs go to include=), got {type(targets).__name__}")
+    unknown = sorted(set(shortcuts) - set(TARGET_SHORTCUTS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}; the target shortcuts are "
+                        f"{', '.join(TARGET_SHORTCUTS)}")
     return replace(targets or Targets(), **{name: value for name, value in shortcuts.items() if value is not None})
 
 

@@ -118,3 +118,13 @@ def test_keep_components_refuses_an_empty_axis_and_unknown_names() -> None:
         keep_components(module, {"r_in": torch.tensor([], dtype=torch.long)})
     with pytest.raises(ValueError, match=r"Tucker2Conv has rank axes \['r_in', 'r_out'\]; got \['rank'\]"):
         keep_components(module, {"rank": torch.tensor([0])})
+
+
+def test_keep_components_keeps_flags_dropout_and_mode() -> None:
+    module, _ = build("linear")
+    module.first.requires_grad_(False)
+    module.set_rank_dropout(0.3, ordered=True)
+    module.eval()
+    smaller = keep_components(module, {"rank": torch.tensor([0, 2])})
+    assert not smaller.first.requires_grad and smaller.second.requires_grad
+    assert smaller.rank_dropout.p == 0.3 and smaller.rank_dropout.ordered and not smaller.training

@@ -108,9 +108,17 @@ def test_terms_refuse_models_without_what_they_penalise() -> None:
     dense = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="no factorized module of the Sequential matches the targets"):
         frobenius_decay(dense)
-    with pytest.raises(ValueError, match="has rank components"):
+    with pytest.raises(ValueError, match="group_lasso found no factorized module with rank components"):
         group_lasso(nn.Sequential(TTLinear.from_dense(nn.Linear(16, 16), 2)))
+    with pytest.raises(TypeError, match="unexpected keyword argument.s. includ; the target shortcuts are include"):
+        frobenius_decay(nn.Sequential(LowRankLinear.from_dense(nn.Linear(8, 8), 2)), includ="0")
     with pytest.raises(ValueError, match=r"p must be a fraction in \[0, 1\), got 1.0"):
         rank_dropout(nn.Sequential(LowRankLinear.from_dense(nn.Linear(8, 8), 2)), 1.0)
     with pytest.raises(ValueError, match="conv_scheme must be one of"):
         nuclear_norm(dense, conv_scheme="depth")
+
+
+def test_nuclear_norm_of_half_precision_weights_is_taken_in_float32() -> None:
+    model = nn.Sequential(nn.Linear(8, 6)).to(torch.bfloat16)
+    expected = float(torch.linalg.svdvals(model[0].weight.detach().float()).sum())
+    assert float(nuclear_norm(model).detach()) == pytest.approx(expected, rel=1e-6)

@@ -190,6 +190,7 @@ def test_finalize_leaves_the_model_unchanged_when_a_layer_fails(monkeypatch) -> 
         ({"energy": 0.0}, r"energy must be a fraction in \(0, 1\], got 0.0"),
         ({"energy": 1.5}, r"energy must be a fraction in \(0, 1\], got 1.5"),
         ({"energy": lambda step: 2.0}, r"energy must be a fraction in \(0, 1\], got 2.0 \(at step 0\)"),
+        ({"energy": Ramp(0.9, 0.0, 10)}, r"energy must be a fraction in \(0, 1\], got 0.0 \(at step 10\)"),
         ({"period": 0}, "period must be an int >= 1, got 0"),
         ({"nuclear_weight": -1.0}, "nuclear_weight must be a finite number >= 0"),
         ({"conv_scheme": "diagonal"}, "conv_scheme must be one of 'channel', 'spatial'"),
@@ -213,3 +214,35 @@ def test_a_model_with_only_unsupported_targets_is_refused() -> None:
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4))
     with pytest.raises(ValueError, match=r"no layer to train low-rank .*0: grouped convolution \(groups=4\)"):
         TRP(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_finalize_keeps_layers_above_break_even_dense_and_refuses_a_second_call() -> None:
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    trp = TRP(model, optimizer, energy=0.99, period=1)
+    frozen_step(model, optimizer, torch.randn(4, 64))
+    assert min(trp.ranks.values()) > 32  # a random weight needs most of its rank for 99% of its energy
+    report = trp.finalize()
+    assert all(isinstance(layer, nn.Linear) for layer in model)
+    assert all("above break-even" in row.skip_reason and row.params_after == row.params_before
+               for row in report.layers)
+    with pytest.raises(RuntimeError, match="this TRP was finalized already"):
+        trp.finalize()
+
+
+def test_non_finite_weights_are_named_at_the_truncation() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    TRP(model, optimizer, period=1)
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="TRP: layer '1' has non-finite weights at optimizer step 1"):
+        optimizer.step()  # no gradients: only the hooks act
+
+
+def test_compiled_and_wrapped_models_are_unwrapped_to_their_layer_names() -> None:
+    model = nn.Sequential(nn.Linear(8, 8))
+    compiled = torch.compile(nn.DataParallel(model), backend="eager")
+    trp = TRP(compiled, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert trp.model is model and [layer.name for layer in trp.layers] == ["0"]

@@ -139,8 +139,9 @@ def keep_components(module: FactorizedModule, keep: Mapping[str, torch.Tensor]) 
     Returns
     -------
     FactorizedModule
-        On ``module``'s device and in its dtype; its forward equals ``module``'s
-        when the dropped components are zero.
+        On ``module``'s device and in its dtype, with its ``requires_grad``
+        flags, rank dropout and training mode; its forward equals
+        ``module``'s when the dropped components are zero.
 
     """
     axes = {axis.name: axis for axis in module.rank_axes()}
@@ -166,6 +167,10 @@ def keep_components(module: FactorizedModule, keep: Mapping[str, torch.Tensor]) 
     first = next(iter(tensors.values()))
     smaller = type(module)(**config, device=first.device, dtype=first.dtype)
     smaller.load_state_dict({**module.state_dict(), **tensors}, strict=True)
+    for name, parameter in smaller.named_parameters():
+        parameter.requires_grad_(module.get_parameter(name).requires_grad)
+    smaller.rank_dropout = module.rank_dropout
+    smaller.train(module.training)
     return smaller
 
 

@@ -216,7 +216,7 @@ class DLRTLinear(FactorizedModule):
         Examples
         --------
         >>> import torch
-        >>> DLRTLinear.rank_for_budget(torch.nn.Linear(32, 64), 1056)   # 9 columns: 9 * (32 + 64 + 9) + 64 = 1009
+        >>> DLRTLinear.rank_for_budget(torch.nn.Linear(32, 64), 1056)   # 8 columns: 8 * (32 + 64 + 8) + 64 = 896
         4
 
         """
@@ -248,6 +248,18 @@ class DLRTLinear(FactorizedModule):
         return self._rank
 
     @torch.no_grad()
+    def weight_norm_sq(self) -> torch.Tensor:
+        """Refused: DLRT's integrator sets the factors' gradients itself, which a loss on the product would mix with.
+
+        Raises
+        ------
+        TypeError
+            Always (exclude DLRT layers from Frobenius decay).
+
+        """
+        raise TypeError("a DLRTLinear's gradients are the integrator's K-, L- and S-step gradients: Frobenius decay "
+                        "does not apply to it (exclude it from the targets)")
+
     def assign(self, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> None:
         """Set the factors to ``u`` ``(out, r)``, ``diag(s)`` (``s`` of length ``r``) and ``v`` ``(in, r)``.
 

@@ -17,10 +17,30 @@ import torch
 from torch import nn
 
 from lowrank.distributed import unwrap
+from lowrank.nn import FactorizedModule
 from lowrank.nn.surgery import swap_modules
 from lowrank.report import CompressionReport, LayerReport
+from lowrank.targets import Targets
 
 Hook = Callable[[torch.optim.Optimizer, tuple[Any, ...], dict[str, Any]], None]
+
+
+def ranked_modules(model: nn.Module, targets: Targets, user: str) -> dict[str, FactorizedModule]:
+    """The targeted factorized modules of ``model`` that have rank components, by name.
+
+    Raises
+    ------
+    ValueError
+        If there is none (tensor-train and tensor-network layers have no
+        components); the message names ``user``, the job that needs them.
+
+    """
+    modules = {target.name: target.module for target in targets.select_factorized(unwrap(model))
+               if target.module.rank_axes()}
+    if not modules:
+        raise ValueError(f"{user} found no factorized module with rank components among the targets "
+                         f"{targets.describe()} (tensor-train and tensor-network layers have none)")
+    return modules
 
 
 class TrainingMethod:
@@ -52,6 +72,7 @@ class TrainingMethod:
         self.optimizer = optimizer
         self.step = 0
         self._handles: list[Any] = []
+        self._finalized = False
 
     def _check_optimized(self, parameters: Sequence[tuple[str, nn.Parameter]]) -> None:
         """Raise a ValueError naming the first of ``parameters`` that the optimizer does not hold."""
@@ -89,9 +110,20 @@ class TrainingMethod:
         """Continue from :meth:`state_dict`'s output: a resumed run takes the same steps as an uninterrupted one."""
         self.step = int(state["step"])
 
+    def _check_not_finalized(self) -> None:
+        """Raise a RuntimeError if :meth:`finalize` ran already (the layers it would swap are gone)."""
+        if self._finalized:
+            raise RuntimeError(f"this {type(self).__name__} was finalized already")
+
     def _swap(self, rows: list[LayerReport], replacements: list[tuple[str, nn.Module]],
               settings: dict[str, Any]) -> CompressionReport:
-        """Swap ``replacements`` in (all or none), detach from the optimizer and report."""
+        """Swap ``replacements`` in (all or none), detach from the optimizer and report.
+
+        A ``DistributedDataParallel`` wrapper of the model, and the optimizer,
+        still refer to the old parameters afterwards: wrap the model and build
+        an optimizer again to train on.
+        """
         swap_modules(self.model, replacements)
+        self._finalized = True
         self.remove()
         return CompressionReport(rows, {"train": {"method": type(self).__name__, "step": self.step, **settings}})

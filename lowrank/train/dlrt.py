@@ -247,6 +247,11 @@ class DLRT(TrainingMethod):
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """After the update: augment, truncate and write back every layer; count the step."""
         me, size = world()
+        for name, layer in self.layers.items():  # on every rank, so that none waits on a broadcast that never comes
+            r = layer.rank
+            if not all(bool(torch.isfinite(f).all()) for f in (layer.U[:, :r], layer.S[:r, :r], layer.V[:, :r])):
+                raise FloatingPointError(f"DLRT: layer {name!r} has non-finite factors after optimizer step "
+                                         f"{self.step + 1} (a diverging learning rate?)")
         for index, (layer, before) in enumerate(zip(self.layers.values(), self._before)):
             if owner(index) == me:
                 layer.assign(*self._integrate(layer, *before))
@@ -274,7 +279,7 @@ class DLRT(TrainingMethod):
         k, l_, s1 = layer.U[:, :r].to(dtype), layer.V[:, :r].to(dtype), layer.S[:r, :r].to(dtype)
         qu, ru = torch.linalg.qr(u0.to(dtype))
         qv, rv = torch.linalg.qr(v0.to(dtype))
-        negligible = max(torch.finfo(layer.U.dtype).eps, _NEGLIGIBLE)
+        negligible = max(torch.finfo(dtype).eps, _NEGLIGIBLE)
         u_new = new_directions(qu, k, negligible * float(torch.linalg.matrix_norm(k)))
         v_new = new_directions(qv, l_, negligible * float(torch.linalg.matrix_norm(l_)))
         core = torch.cat([
@@ -285,7 +290,13 @@ class DLRT(TrainingMethod):
         rank = self._truncation_rank(sigma, layer.max_rank)
         u1 = torch.cat([qu, u_new], dim=1) @ p[:, :rank]
         v1 = torch.cat([qv, v_new], dim=1) @ qh[:rank].T
-        return u1, sigma[:rank], v1
+        # an SVD's signs are arbitrary: keep each column's sign where it was, so that the optimizer's
+        # momentum for that column still points the way it did
+        kept = min(r, rank)
+        agreement = (u0[:, :kept].to(dtype) * u1[:, :kept]).sum(0) + (v0[:, :kept].to(dtype) * v1[:, :kept]).sum(0)
+        signs = torch.ones(rank, dtype=dtype, device=u1.device)
+        signs[:kept] = torch.where(agreement < 0, -1.0, 1.0)
+        return u1 * signs, sigma[:rank], v1 * signs
 
     def _truncation_rank(self, sigma: torch.Tensor, max_rank: int) -> int:
         """The smallest ``r`` with ``||sigma[r:]|| <= tol ||sigma||``, clamped to ``[min_rank, max_rank]``.

@@ -11,22 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank.checks import check_choice
 from lowrank.distributed import unwrap
-from lowrank.nn import FactorizedModule, UnsupportedLayerError
+from lowrank.nn import UnsupportedLayerError
 from lowrank.nn.components import component_squares
 from lowrank.targets import Targets, targets_from
+from lowrank.train.base import ranked_modules
 from lowrank.train.trp import CONV_SCHEMES, weight_matrix
-
-
-def _factorized(model: nn.Module, targets: Targets, with_components: bool) -> list[FactorizedModule]:
-    """The targeted factorized modules of ``model`` (those with rank components only, if asked)."""
-    modules = [target.module for target in targets.select_factorized(unwrap(model))]
-    if with_components:
-        modules = [module for module in modules if module.rank_axes()]
-        if not modules:
-            raise ValueError(f"no factorized module of the targets {targets.describe()} has rank components "
-                             "(tensor-train and tensor-network layers have none)")
-    return modules
 
 
 def _safe_sqrt(squares: torch.Tensor) -> torch.Tensor:
@@ -66,16 +57,16 @@ def nuclear_norm(
     6.0
 
     """
-    if conv_scheme not in CONV_SCHEMES:
-        raise ValueError(f"conv_scheme must be one of {CONV_SCHEMES}; got {conv_scheme!r}")
+    check_choice(conv_scheme, CONV_SCHEMES, "conv_scheme")
     terms = []
     for target in targets_from(targets, **shortcuts).select(unwrap(model)):
         try:
             matrix = weight_matrix(target.module, target.kind, conv_scheme)
         except UnsupportedLayerError:
             continue
-        if not target.head:
-            terms.append(torch.linalg.matrix_norm(matrix.read(target.module.weight), "nuc"))
+        if not target.head:  # LAPACK has no half-precision SVD: the norm is taken in float32 at least
+            weight = matrix.read(target.module.weight)
+            terms.append(torch.linalg.matrix_norm(weight.to(torch.promote_types(weight.dtype, torch.float32)), "nuc"))
     if not terms:
         raise ValueError("nuclear_norm found no dense weight to penalise among the targets")
     return torch.stack(terms).sum()
@@ -98,8 +89,8 @@ def frobenius_decay(model: nn.Module, *, targets: Targets | None = None, **short
     True
 
     """
-    modules = _factorized(model, targets_from(targets, **shortcuts), with_components=False)
-    return torch.stack([module.weight_norm_sq() for module in modules]).sum()
+    modules = targets_from(targets, **shortcuts).select_factorized(unwrap(model))
+    return torch.stack([target.module.weight_norm_sq() for target in modules]).sum()
 
 
 def group_lasso(
@@ -127,7 +118,7 @@ def group_lasso(
 
     """
     terms = []
-    for module in _factorized(model, targets_from(targets, **shortcuts), with_components=True):
+    for module in ranked_modules(model, targets_from(targets, **shortcuts), "group_lasso").values():
         for axis in module.rank_axes():
             squares = component_squares(module, axis)
             if hierarchical:
@@ -147,12 +138,7 @@ def rank_dropout(
     Only in training mode; ``p=0`` turns it off. See
     :meth:`lowrank.nn.FactorizedModule.set_rank_dropout`.
     """
-    targets = targets_from(targets, **shortcuts)
-    changed = []
-    for target in targets.select_factorized(unwrap(model)):
-        if target.module.rank_axes():
-            target.module.set_rank_dropout(p, ordered)
-            changed.append(target.name)
-    if not changed:
-        raise ValueError(f"no factorized module of the targets {targets.describe()} has rank components to drop")
-    return changed
+    modules = ranked_modules(model, targets_from(targets, **shortcuts), "rank_dropout")
+    for module in modules.values():
+        module.set_rank_dropout(p, ordered)
+    return list(modules)

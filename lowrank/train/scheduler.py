@@ -13,6 +13,7 @@ which makes the modules smaller and their forward faster.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from lowrank.nn.components import active_params, component_sums, keep_components
 from lowrank.nn.dense import count_params
 from lowrank.report import LayerReport
 from lowrank.targets import Targets, targets_from
-from lowrank.train.base import TrainingMethod
+from lowrank.train.base import TrainingMethod, ranked_modules
 from lowrank.train.schedules import cubic_budget
 
 
@@ -113,20 +114,14 @@ class RankScheduler(TrainingMethod):
         self.total_steps = check_int(total_steps, "total_steps")
         self.warmup_steps = check_int(total_steps // 10 if warmup_steps is None else warmup_steps, "warmup_steps", 0)
         self.final_steps = check_int(total_steps // 5 if final_steps is None else final_steps, "final_steps", 0)
-        if self.warmup_steps + self.final_steps > self.total_steps:
-            raise ValueError(f"warmup_steps + final_steps ({self.warmup_steps} + {self.final_steps}) must not exceed "
-                             f"total_steps ({self.total_steps})")
+        if self.warmup_steps + self.final_steps >= self.total_steps:
+            raise ValueError(f"warmup_steps + final_steps ({self.warmup_steps} + {self.final_steps}) must be less "
+                             f"than total_steps ({self.total_steps}), or the budget never falls")
         self.interval = check_int(interval, "interval")
         self.beta1 = check_fraction(beta1, "beta1", low_closed=True, high_closed=False)
         self.beta2 = check_fraction(beta2, "beta2", low_closed=True, high_closed=False)
         self.targets = targets_from(targets, include=include, exclude=exclude, kinds=kinds, filter_fn=filter_fn)
-        self.modules: dict[str, FactorizedModule] = {}
-        for target in self.targets.select_factorized(self.model):
-            if target.module.rank_axes():
-                self.modules[target.name] = target.module
-        if not self.modules:
-            raise ValueError(f"RankScheduler found no factorized module with rank components among the targets "
-                             f"{self.targets.describe()} (tensor-train and tensor-network layers have none)")
+        self.modules: dict[str, FactorizedModule] = ranked_modules(self.model, self.targets, "RankScheduler")
         scored = {f"{name}.{p}" for name, module in self.modules.items()
                   for axis in module.rank_axes() for p, _, _ in axis.slices}
         self._parameters = {name: self.model.get_parameter(name) for name in sorted(scored)}
@@ -174,9 +169,8 @@ class RankScheduler(TrainingMethod):
                 if parameter.grad is None:
                     continue
                 sensitivity = (parameter * parameter.grad).abs()
-                if name not in self._smoothed:
-                    self._smoothed[name] = (sensitivity, torch.zeros_like(sensitivity))
-                    continue
+                if name not in self._smoothed:  # both start at zero, as PEFT's AdaLoRA does
+                    self._smoothed[name] = (torch.zeros_like(sensitivity), torch.zeros_like(sensitivity))
                 mean, spread = self._smoothed[name]
                 mean.mul_(self.beta1).add_(sensitivity, alpha=1 - self.beta1)
                 spread.mul_(self.beta2).add_((sensitivity - mean).abs_(), alpha=1 - self.beta2)
@@ -273,6 +267,11 @@ class RankScheduler(TrainingMethod):
             before (at the start of the run) and after.
 
         """
+        self._check_not_finalized()
+        if self.step < self.total_steps - self.final_steps:
+            warnings.warn(f"RankScheduler finalized at step {self.step}, before its budget reached the final "
+                          f"{self.final_budget:,} parameters (step {self.total_steps - self.final_steps}): the "
+                          f"modules keep {self.params():,}", stacklevel=2)
         rows, replacements = [], []
         for name, module in self.modules.items():
             keep = {axis: torch.nonzero(kept).flatten() for axis, kept in self.kept[name].items()}

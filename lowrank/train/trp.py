@@ -219,7 +219,8 @@ class TRP(TrainingMethod):
     ) -> None:
         super().__init__(model, optimizer)
         self.energy = energy
-        fraction_at(energy, 0, "energy")
+        for step in (0, getattr(energy, "steps", 0)):  # a Ramp's both ends
+            fraction_at(energy, step, "energy")
         self.period = check_int(period, "period")
         self.nuclear_weight = check_nonnegative(nuclear_weight, "nuclear_weight")
         self.conv_scheme = check_choice(conv_scheme, CONV_SCHEMES, "conv_scheme")
@@ -276,15 +277,19 @@ class TRP(TrainingMethod):
         """
         energy = self.energy_at(self.step)
         rank, size = world()
+        for layer in self.layers:  # on every rank, so that none waits on a broadcast that never comes
+            if not bool(torch.isfinite(layer.module.weight).all()):
+                raise FloatingPointError(f"TRP: layer {layer.name!r} has non-finite weights at optimizer step "
+                                         f"{self.step} (a diverging learning rate?)")
         for index, layer in enumerate(self.layers):
             weight = layer.module.weight
             source = owner(index)
             if rank == source:
                 u, s, vh = energy_truncation(layer.matrix.read(weight.detach()), energy,
                                              self.ranks.get(layer.name), seed=self.step)
-                kept = torch.tensor([s.numel()])
+                kept = torch.tensor([s.numel()], device=weight.device)
             else:
-                kept = torch.zeros(1, dtype=torch.long)
+                kept = torch.zeros(1, dtype=torch.long, device=weight.device)
             if size > 1:
                 broadcast_from([kept], source)
                 if rank != source:
@@ -322,7 +327,8 @@ class TRP(TrainingMethod):
         The module is the best approximation of the current weight at that
         rank (its truncated SVD), exact when no update came after the last
         truncation. A layer never truncated yet is truncated by the current
-        energy. The model is changed only if every layer could be factorized;
+        energy; a layer whose factors would hold as many parameters as its
+        dense weight stays dense (the report says why). The model is changed only if every layer could be factorized;
         TRP detaches from the optimizer (which still holds the dense weights:
         build a new one to train on).
 
@@ -334,6 +340,7 @@ class TRP(TrainingMethod):
             skipped layers with their reason.
 
         """
+        self._check_not_finalized()
         energy = self.energy_at(self.step)
         rows, replacements = [], []
         planned = {layer.name: layer for layer in self.layers}
@@ -347,9 +354,13 @@ class TRP(TrainingMethod):
                 rank = energy_truncation(layer.matrix.read(layer.module.weight.detach()), energy)[1].numel()
             module = layer.method.from_dense(layer.module, rank)
             row = LayerReport.dense(name, layer.module, layer.method.name)
-            row.record(layer.module, module)
+            if module.num_params >= row.params_before:
+                row.skip_reason = (f"trained rank {rank} is above break-even: its factors would hold "
+                                   f"{module.num_params:,} parameters, the dense layer {row.params_before:,}")
+            else:
+                row.record(layer.module, module)
+                replacements.append((name, module))
             rows.append(row)
-            replacements.append((name, module))
         settings = {"energy": energy, "period": self.period, "nuclear_weight": self.nuclear_weight,
                     "conv_scheme": self.conv_scheme, "targets": self.targets.to_dict()}
         return self._swap(rows, replacements, settings)
