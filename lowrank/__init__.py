@@ -6,12 +6,13 @@ containers); ``lowrank.compress(model, ratio=0.5)`` replaces a model's layers
 by the factorized modules of :mod:`lowrank.nn`, its choices grouped in
 :class:`Targets` (which layers), :class:`CalibrationConfig` and
 :class:`HealConfig`; ``lowrank.save`` and ``lowrank.load`` write and read
-compressed checkpoints; :mod:`lowrank.train` trains with rank regularization.
+compressed checkpoints; :mod:`lowrank.train` trains with rank regularization and
+:mod:`lowrank.adapters` adds LoRA and FLoRA adapters.
 """
 
 __version__ = "0.2.0"
 
-from lowrank import calibrate, decompose, nn, rank, train  # noqa: E402
+from lowrank import adapters, calibrate, decompose, nn, rank, train  # noqa: E402
 from lowrank.compress import compress  # noqa: E402
 from lowrank.data_aware import CalibrationConfig  # noqa: E402
 from lowrank.decompose import CP, SVD, TR, TT, Factorization, TTMatrix, Tucker  # noqa: E402
@@ -34,6 +35,7 @@ __all__ = [
     "Targets",
     "Tucker",
     "__version__",
+    "adapters",
     "calibrate",
     "compress",
     "decompose",
