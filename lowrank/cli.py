@@ -1,10 +1,12 @@
 """The ``lowrank`` console script.
 
 ``lowrank compress SRC -o OUT --ratio 0.5`` compresses a Hugging Face checkpoint
-directory and saves the result; ``lowrank info OUT`` prints what was done;
-``lowrank decompose FILE --method tucker --rank 8`` decomposes a tensor stored
-in a ``.npy`` file or (with ``--key``) a ``.safetensors`` file and prints the
-result's ranks, size and relative error.
+directory and saves the result; ``lowrank info OUT`` prints what was done (or,
+for an adapter directory, its adapters); ``lowrank adapters merge BASE ADAPTER
+-o OUT`` folds an adapter (lowrank's or PEFT's LoRA) into its base model and
+saves the merged checkpoint; ``lowrank decompose FILE --method tucker --rank 8``
+decomposes a tensor stored in a ``.npy`` file or (with ``--key``) a
+``.safetensors`` file and prints the result's ranks, size and relative error.
 """
 
 from __future__ import annotations
@@ -122,9 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     com.add_argument("--quiet", action="store_true", help="no progress bar and no report table")
 
-    info = commands.add_parser("info", help="print the report stored with a compressed checkpoint")
+    info = commands.add_parser(
+        "info", help="print the report stored with a compressed checkpoint, or the adapters of an adapter directory")
     info.add_argument("directory", type=Path)
-    info.add_argument("--json", action="store_true", help="print the stored plan and report as JSON")
+    info.add_argument("--json", action="store_true", help="print the stored plan and report (or adapters) as JSON")
+
+    ada = commands.add_parser("adapters", help="work with adapters saved by lowrank.adapters.save or PEFT")
+    ada_commands = ada.add_subparsers(dest="adapters_command", required=True)
+    merge = ada_commands.add_parser(
+        "merge", help="fold an adapter into its base model and save the merged checkpoint, of the base's kind")
+    merge.add_argument("base", type=Path,
+                       help="a Hugging Face checkpoint directory (config.json + weights) or a lowrank.save checkpoint")
+    merge.add_argument("adapter", type=Path, help="an adapter directory (lowrank.adapters.save or PEFT's LoRA)")
+    merge.add_argument("-o", "--output", type=Path, required=True,
+                       help="directory to write: a Hugging Face checkpoint (save_pretrained) for a Hugging Face base, "
+                       "a lowrank checkpoint for a lowrank one")
+    merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     return parser
 
 
@@ -191,17 +206,71 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    if _is_adapter_directory(args.directory):
+        return _adapter_info(args)
     plan = lowrank.io.read_plan(args.directory)
     if args.json:
         print(json.dumps(plan, indent=1))
         return 0
+    adapted = plan.get("adapters") or {}
     print(f"{args.directory}: written by lowrank {plan.get('version')}, model {plan.get('model_class')}, "
-          f"{len(plan['modules'])} factorized modules")
+          f"{len(plan['modules'])} factorized modules" + (f", {len(adapted)} adapters" if adapted else ""))
     if plan.get("report") is not None:
         print(lowrank.CompressionReport.from_dict(plan["report"]))
     else:
         for name, entry in plan["modules"].items():
             print(f"{name}: {entry['class']} {entry['config']}")
+    for name, entry in adapted.items():
+        print(f"{name}: {entry['class']} {entry['config']}")
+    return 0
+
+
+def _is_adapter_directory(directory: Path) -> bool:
+    """Whether ``directory`` holds an adapter (either format) rather than a lowrank checkpoint."""
+    try:
+        lowrank.adapters.io.adapter_format(directory)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _adapter_info(args: argparse.Namespace) -> int:
+    """``lowrank info`` on an adapter directory: one row per adapted module."""
+    summary = lowrank.adapters.io.summary(args.directory)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    rows = summary["adapters"]
+    total = sum(row["parameters"] for row in rows)
+    kind = "lowrank" if summary["format"] == "lowrank" else "PEFT LoRA"
+    print(f"{args.directory}: {kind} adapter, {len(rows)} adapted modules, {total:,} trainable parameters")
+    table = [("module", "adapter", "rank", "alpha", "trainable")] + [
+        (row["module"], row["adapter"], str(row["rank"]), f"{row['alpha']:g}", f"{row['parameters']:,}")
+        for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(5)]
+    for line in table:
+        print("  ".join(cell.ljust(width) if i < 2 else cell.rjust(width)
+                        for i, (cell, width) in enumerate(zip(line, widths))).rstrip())
+    return 0
+
+
+def _adapters_merge(args: argparse.Namespace) -> int:
+    """``lowrank adapters merge BASE ADAPTER -o OUT``."""
+    if args.output.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it")
+    if not args.base.is_dir():
+        raise FileNotFoundError(f"{args.base} is not a checkpoint directory")
+    lowrank_base = (args.base / lowrank.io.PLAN_NAME).is_file()
+    model = lowrank.load(args.base) if lowrank_base else lowrank.io.load_pretrained(args.base)
+    names = lowrank.adapters.load(model, args.adapter)
+    lowrank.adapters.merge_and_unload(model, safe=True)
+    if lowrank_base:
+        lowrank.save(model, args.output, overwrite=args.overwrite)
+    else:
+        with lowrank.io.staged_directory(args.output, args.overwrite) as staging:
+            model.save_pretrained(staging, safe_serialization=True)
+            lowrank.io.copy_tokenizer_files(args.base, staging)
+    print(f"merged {len(names)} adapted layers of {args.adapter} into {args.base}; saved to {args.output}")
     return 0
 
 
@@ -213,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _compress(args)
         if args.command == "info":
             return _info(args)
+        if args.command == "adapters":
+            return _adapters_merge(args)
         x = _load_tensor(args.file, args.key)
         options = {} if args.rank is None else {"rank": _parse_rank(args.rank)}
         if args.tol is not None:

@@ -1,8 +1,9 @@
 """Saving and loading compressed models: safetensors weights plus a ``lowrank.json`` plan.
 
 The plan lists every factorized module by name with its class and structure
-(``module.config()``), so that :func:`load` can rebuild the same modules in a
-fresh model before reading the factors. Nothing is ever unpickled.
+(``module.config()``), and every adapter layer of :mod:`lowrank.adapters` with
+its config, so that :func:`load` can rebuild the same modules in a fresh model
+before reading the tensors. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,12 @@ def save(
     ``config.json`` and tokenizer files: those of ``tokenizer`` if given,
     otherwise copied from the directory the model was loaded from, if any.
 
+    Adapters of :mod:`lowrank.adapters` attached to the model are saved with
+    it (their tensors in the state dict, their configs in the plan) and
+    :func:`load` puts them back; they must be unmerged. PiSSA adapters keep
+    their residual base weights this way. To save the adapters alone, use
+    :func:`lowrank.adapters.save`.
+
     Everything is written to a temporary directory beside the target, which is
     renamed at the end: an interrupted save leaves no half-written directory.
 
@@ -78,19 +87,31 @@ def save(
     Path
         The directory written.
 
+    Raises
+    ------
+    FileExistsError
+        If ``directory`` exists and ``overwrite`` is False.
+    ValueError
+        If an adapter of the model is merged.
+
     """
-    target = Path(directory)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    from lowrank.adapters.io import adapter_plan
+    from lowrank.adapters.model import adapter_layers
+
+    merged = [name for name, layer in adapter_layers(model).items() if layer.merged]
+    if merged:
+        raise ValueError(
+            f"the adapter(s) of layer(s) {', '.join(map(repr, merged))} are merged: lowrank.save stores base weights "
+            "and adapters apart, so unmerge them first (lowrank.adapters.unmerge), or fold them in for good "
+            "(lowrank.adapters.merge_and_unload)")
+    with staged_directory(directory, overwrite) as staging:
         save_model(model, str(staging / WEIGHTS_NAME))
         plan = {
             "format": "lowrank",
             "version": __version__,
             "model_class": type(model).__name__,
             "modules": plan_of(model),
+            "adapters": adapter_plan(model),
             "report": report.to_dict() if report is not None else None,
         }
         (staging / PLAN_NAME).write_text(json.dumps(plan, indent=1))
@@ -100,17 +121,58 @@ def save(
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
             else:
-                _copy_tokenizer_files(Path(str(getattr(config, "_name_or_path", "") or "")), staging)
+                copy_tokenizer_files(Path(str(getattr(config, "_name_or_path", "") or "")), staging)
+    return Path(directory)
+
+
+@contextmanager
+def staged_directory(directory: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary directory beside ``directory`` to write into, renamed to ``directory`` when the block succeeds.
+
+    If the block raises (or is interrupted) the temporary directory is removed
+    and ``directory`` is left as it was: no half-written directory, ever.
+
+    Parameters
+    ----------
+    directory : str or Path
+        The directory to create; refused if it exists, unless ``overwrite``
+        (then it is replaced once the block has succeeded).
+    overwrite : bool
+        Replace an existing ``directory``.
+
+    Raises
+    ------
+    FileExistsError
+        If ``directory`` exists and ``overwrite`` is False (before anything is written).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> with staged_directory(root / "out") as staging:
+    ...     _ = (staging / "a.txt").write_text("a")
+    >>> sorted(p.name for p in (root / "out").iterdir())
+    ['a.txt']
+    >>> shutil.rmtree(root)
+
+    """
+    target = Path(directory)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass overwrite=True to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return target
 
 
-def _copy_tokenizer_files(source: Path, destination: Path) -> None:
+def copy_tokenizer_files(source: Path, destination: Path) -> None:
+    """Copy the tokenizer files of the checkpoint directory ``source`` (those it has) into ``destination``."""
     if str(source) in ("", ".") or not source.is_dir():
         return
     for name in TOKENIZER_FILES:
@@ -178,18 +240,30 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str | P
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
-def apply_plan(model: nn.Module, plan: dict[str, Any]) -> None:
-    """Replace the modules named in ``plan`` by empty factorized modules of the recorded structure."""
+def apply_plan(model: nn.Module, plan: dict[str, Any], source: str | Path = "the plan") -> None:
+    """Replace the modules named in ``plan`` by empty factorized modules of the recorded structure, then its adapters.
+
+    A factorized module recorded inside an adapter (``name.base_layer``) is
+    put at ``name``, where the adapter recorded under ``plan["adapters"]``
+    then wraps it (:func:`lowrank.adapters.io.attach_plan`).
+    """
+    adapted = plan.get("adapters") or {}
     replacements = []
     for name, entry in plan["modules"].items():
+        parent, _, leaf = name.rpartition(".")
+        target = parent if leaf == "base_layer" and parent in adapted else name
         try:
-            old = model.get_submodule(name)
+            old = model.get_submodule(target)
         except AttributeError as error:
-            raise ValueError(f"the plan names module {name!r}, which the model does not have") from error
+            raise ValueError(f"the plan names module {target!r}, which the model does not have") from error
         parameter = next(old.parameters(), None)
         options = {} if parameter is None else {"device": parameter.device, "dtype": parameter.dtype}
-        replacements.append((name, module_class(entry["class"])(**entry["config"], **options)))
+        replacements.append((target, module_class(entry["class"])(**entry["config"], **options)))
     swap_modules(model, replacements)
+    if adapted:
+        from lowrank.adapters.io import attach_plan
+
+        attach_plan(model, adapted, source)
 
 
 def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
@@ -208,14 +282,15 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
     Returns
     -------
     nn.Module
-        The model with the plan re-applied and every tensor loaded, in eval mode.
+        The model with the plan re-applied (factorized modules, then adapters)
+        and every tensor loaded, in eval mode.
 
     """
     directory = Path(directory)
     plan = read_plan(directory)
     if model is None:
         model = _model_from_config(directory)
-    apply_plan(model, plan)
+    apply_plan(model, plan, directory / PLAN_NAME)
     load_state(model, read_state_dict(directory / WEIGHTS_NAME), directory / WEIGHTS_NAME)
     return model.eval()
 

@@ -27,6 +27,12 @@ A LoRA layer's factors are the modules ``lora_A`` and ``lora_B`` (for
 embeddings the tensors ``lora_embedding_A`` and ``lora_embedding_B``), so
 ``<module>.lora_A.weight`` is PEFT's ``base_model.model.<module>.lora_A.weight``.
 
+:func:`save` writes the adapters alone, in PEFT's format (``format="peft"``:
+``adapter_config.json`` and ``adapter_model.safetensors``, which
+``peft.PeftModel.from_pretrained`` loads) or in lowrank's own (the default,
+for every adapter: a JSON plan and safetensors); :func:`load` reads either
+(and LoRA adapters saved by PEFT) into a base model (:mod:`lowrank.adapters.io`).
+
 Examples
 --------
 >>> import torch, lowrank.adapters
@@ -41,6 +47,7 @@ Examples
 """
 
 from lowrank.adapters.config import FLoRA, LoRA
+from lowrank.adapters.io import load, save
 from lowrank.adapters.layers import (
     AdapterLayer,
     FLoRAConv,
@@ -75,8 +82,10 @@ __all__ = [
     "add",
     "adapter_layers",
     "disabled",
+    "load",
     "merge",
     "merge_and_unload",
+    "save",
     "trainable_parameters",
     "unmerge",
 ]
