@@ -1,10 +1,14 @@
-"""The digits CNN example: a trained CNN compressed with Tucker-2 keeps its accuracy at 3x fewer conv MACs."""
+"""The examples, run small: the digits CNN compressed with Tucker-2 keeps its accuracy at 3x fewer conv MACs, TRP
+finalizes a smaller network, MiniLM fine-tuned with LoRA and FLoRA saves, reloads and merges exactly."""
 
 import copy
+import json
+import math
 import re
 import sys
 from pathlib import Path
 
+import pytest
 from torch import nn
 
 import lowrank
@@ -40,3 +44,55 @@ def test_train_lowrank_example_finalizes_a_smaller_network(capsys, monkeypatch):
     assert after < dense and macs_after < macs_dense / 2
     assert min(accuracies) > 0.3 and accuracies[2] > 0.6  # far above chance (0.1) after four short epochs
     assert "2 of 2 targeted layers replaced" in out
+
+
+# all-MiniLM-L6-v2's 36 encoder linears: per block query, key, value and attention output (384 -> 384), intermediate
+# (384 -> 1536) and output (1536 -> 384), six blocks; LoRA at rank r trains r (in + out) on each
+MINILM_IN_PLUS_OUT = 6 * (4 * (384 + 384) + (384 + 1536) + (1536 + 384))
+
+
+# PEFT asks transformers for a deprecated attribute when it loads the adapter
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+def test_minilm_adapters_example_fine_tunes_saves_reloads_and_merges(capsys, monkeypatch, tmp_path, minilm_dir):
+    import minilm_adapters
+    import peft
+    import torch
+
+    rank = 4
+    monkeypatch.setattr(sys, "argv", ["minilm_adapters.py", "--steps", "6", "--per-class", "12", "--batch-size", "8",
+                                      "--max-length", "32", "--rank", str(rank), "--alpha", "8", "-o", str(tmp_path)])
+    minilm_adapters.main()
+    out = capsys.readouterr().out
+    before = float(re.search(r"\(a linear probe\): held-out accuracy ([0-9.]+)", out)[1])
+    assert before > 0.25  # eight packages: chance is 0.125
+    params = {label: int(count.replace(",", "")) for label, count in re.findall(
+        r"^(LoRA|FLoRA): rank \d+, alpha 8 on 36 linear layers: ([0-9,]+) trainable adapter parameters", out, re.M)}
+    assert params == {"LoRA": rank * MINILM_IN_PLUS_OUT, "FLoRA": rank * MINILM_IN_PLUS_OUT + 36 * rank**2}, out
+    for label in ("LoRA", "FLoRA"):
+        step1, first, last = map(float, re.search(
+            rf"^{label}: 6 steps in .* loss at step 1 ([0-9.]+) .*, mean of the first 3 ([0-9.]+), of the last 3 "
+            r"([0-9.]+)$", out, re.M).groups())
+        assert abs(step1 - math.log(8)) < 1e-3 and last < first  # the zero head's uniform guess, then lower
+        after = float(re.search(rf"^{label}: held-out accuracy [0-9.]+ \(head alone\) -> ([0-9.]+)$", out, re.M)[1])
+        assert re.search(rf"^{label}: reloaded into a fresh base: outputs bit-identical True, accuracy {after:.3f}$",
+                         out, re.M), out
+        merged = re.search(rf"^{label}: merged: max \|logit difference\| ([0-9.e+-]+), accuracy ([0-9.]+); unmerged "
+                           r"again: bit-identical True$", out, re.M)
+        assert merged is not None and float(merged[1]) < 1e-4, out
+        unloaded = re.search(rf"^{label}: merge_and_unload: 0 adapters left, 36 plain nn.Linear in the encoder, max "
+                             r"\|logit difference\| ([0-9.e+-]+)$", out, re.M)
+        assert unloaded is not None and float(unloaded[1]) < 1e-4, out
+
+    # the LoRA adapter is in PEFT's format: PEFT itself loads it, and computes what lowrank's reload computes
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", rank, 8)
+    assert len(json.loads((tmp_path / "flora" / "lowrank_adapters.json").read_text())["adapters"]) == 36
+    x = torch.randint(1000, 5000, (2, 12), generator=torch.Generator().manual_seed(0))
+    ours = lowrank.io.load_pretrained(minilm_dir)
+    lowrank.adapters.load(ours, tmp_path / "lora")
+    theirs = peft.PeftModel.from_pretrained(lowrank.io.load_pretrained(minilm_dir), tmp_path / "lora").eval()
+    with torch.no_grad():
+        expected = ours.eval()(input_ids=x).last_hidden_state
+        assert torch.allclose(theirs(input_ids=x).last_hidden_state, expected, atol=1e-5)
+        assert not torch.allclose(lowrank.io.load_pretrained(minilm_dir)(input_ids=x).last_hidden_state, expected,
+                                  atol=1e-3)  # the adapter changed something

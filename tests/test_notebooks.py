@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -111,8 +112,51 @@ def _check_train_lowrank(text: str) -> None:
     assert history is not None and int(history[1]) > 10 and int(history[2]) > 10, text
 
 
+# all-MiniLM-L6-v2's linear layers: per block query, key, value and attention output (384 -> 384), intermediate
+# (384 -> 1536) and output (1536 -> 384); six blocks. LoRA at rank r trains r (in + out) on each.
+MINILM_LINEARS = 6 * 6
+MINILM_IN_PLUS_OUT = 6 * (4 * (384 + 384) + (384 + 1536) + (1536 + 384))
+
+
+def _check_adapters(text: str) -> None:
+    pattern = r"^(LoRA|FLoRA): rank (\d+) on (\d+) layers, ([0-9,]+) trainable parameters"
+    found = {label: (int(rank), int(layers), int(params.replace(",", "")))
+             for label, rank, layers, params in re.findall(pattern, text, re.MULTILINE)}
+    assert set(found) == {"LoRA", "FLoRA"}, text
+    for label, (rank, layers, params) in found.items():
+        assert layers == MINILM_LINEARS, (label, layers)
+        core = layers * rank**2 if label == "FLoRA" else 0  # FLoRA's r x r core per layer, beside its two factors
+        assert params == rank * MINILM_IN_PLUS_OUT + core, (label, params)
+    losses = {label: (float(step1), float(first), float(last)) for label, step1, first, last in re.findall(
+        r"^(LoRA|FLoRA): loss at step 1 ([0-9.]+) .*, mean of the first 5 ([0-9.]+), of the last 5 ([0-9.]+)$",
+        text, re.MULTILINE)}
+    assert set(losses) == {"LoRA", "FLoRA"}, text
+    for label, (step1, first, last) in losses.items():
+        assert abs(step1 - math.log(8)) < 1e-3, (label, step1)  # the head starts at zero: uniform over 8 packages
+        assert last < 0.75 * first, (label, first, last)  # the loss falls
+    accuracies = [float(a) for a in re.findall(r"^(?:LoRA|FLoRA): held-out accuracy ([0-9.]+)", text, re.MULTILINE)]
+    assert len(accuracies) == 2 and all(0.25 < a <= 1 for a in accuracies), accuracies  # chance is 0.125
+    merges = re.findall(r"^(LoRA|FLoRA): merged vs unmerged: max \|difference\| ([0-9.e+-]+); the adapter moved the "
+                        r"embeddings by up to ([0-9.]+)$", text, re.MULTILINE)
+    assert {label for label, _, _ in merges} == {"LoRA", "FLoRA"}, text
+    for label, difference, moved in merges:  # merging changes nothing but float32 rounding of an update that matters
+        assert float(difference) < 1e-4 and float(moved) > 1e-2, (label, difference, moved)
+    assert text.count("unmerge restores every base weight bit for bit: True; disabled gives the base outputs bit for "
+                      "bit: True") == 2, text
+    saved = {label: (fmt, files, int(modules), int(params.replace(",", "")), same) for label, fmt, files, modules,
+             params, same in re.findall(r"^(LoRA|FLoRA): (\w+) format, files \[(.*)\], (\d+) modules, ([0-9,]+) "
+                                        r"parameters; reloaded: bit-identical (\w+)$", text, re.MULTILINE)}
+    assert saved["LoRA"][:2] == ("peft", "'adapter_config.json', 'adapter_model.safetensors'"), saved
+    assert saved["FLoRA"][:2] == ("lowrank", "'lowrank_adapters.json', 'lowrank_adapters.safetensors'"), saved
+    for label, (_, _, modules, params, same) in saved.items():  # the files hold what was trained, and load back
+        assert (modules, params, same) == (MINILM_LINEARS, found[label][2], "True"), (label, saved[label])
+    assert text.count("0 adapters left, the first query is a plain nn.Linear again: True") == 2, text
+    assert "FLoRA in PEFT's format: refused" in text and "carries FLoRA, which PEFT does not have" in text, text
+
+
 # What a notebook prints, checked where that is cheap (notebooks not listed get the generic checks).
 OUTPUT_CHECKS: dict[str, Callable[[str], None]] = {
+    "adapters.ipynb": _check_adapters,
     "decompose_tour.ipynb": _check_decompose_tour,
     "train_lowrank.ipynb": _check_train_lowrank,
 }
