@@ -25,7 +25,9 @@ on top (its shape is the module's dense shape) but cannot merge.
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -36,6 +38,7 @@ from lowrank.adapters.config import FLoRA, LoRA
 from lowrank.checks import check_bool, check_ranks
 from lowrank.decompose import svd
 from lowrank.nn.base import FactorizedModule, UnsupportedLayerError
+from lowrank.nn.components import RankAxis
 from lowrank.nn.conv.base import CONV_FUNCTIONS, CONV_TYPES, FactorizedConv
 from lowrank.nn.dense import is_hf_conv1d, layer_kind
 from lowrank.nn.linear import LowRankLinear
@@ -231,6 +234,66 @@ class AdapterLayer(nn.Module):
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The adapter's own parameters (everything but the base layer's)."""
         return [p for name, p in self.named_parameters() if not name.startswith("base_layer.")]
+
+    # -- rank components (lowrank.train.RankScheduler)
+
+    def rank_axes(self) -> list[RankAxis]:
+        """The adapter's ranks and the slices of its factors each rank component owns.
+
+        See :mod:`lowrank.nn.components`. Empty here; the LoRA and FLoRA layers list theirs.
+        """
+        return []
+
+    def budget_parameters(self) -> list[str]:
+        """The names of the parameters a parameter budget counts: the adapter's own, not the frozen base's."""
+        return [name for name, _ in self.named_parameters() if not name.startswith("base_layer.")]
+
+    def _resized(self, sizes: Mapping[str, int]) -> None:
+        """Update the attributes recording the ranks after :meth:`keep_components` sliced the factors."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def keep_components(self, keep: Mapping[str, torch.Tensor]) -> AdapterLayer:
+        """A new adapter layer holding only the components in ``keep`` (per axis name, indices kept); self is unchanged.
+
+        The new layer shares the (frozen) base layer and keeps :attr:`scaling`
+        as it is (not ``alpha / new_rank``), so its forward equals this
+        layer's when the dropped components are zero; its config still names
+        the rank it was made with, and :func:`lowrank.adapters.save` records
+        the ranks its tensors have (PEFT's format: ``rank_pattern`` and
+        ``alpha_pattern``). Flags and training mode are kept.
+        """
+        axes = {axis.name: axis for axis in self.rank_axes()}
+        unknown = sorted(set(keep) - set(axes))
+        if not axes or unknown:
+            raise ValueError(f"{type(self).__name__} has rank axes {sorted(axes)}; got {sorted(keep)}")
+        if self.merged:
+            raise RuntimeError(f"the adapter {self._label()}is merged: unmerge it before removing components")
+        groups = getattr(self, "groups", 1)
+        tensors = {name: self.get_parameter(name) for axis in axes.values() for name, _, _ in axis.slices}
+        sliced = dict(tensors)
+        sizes = {}
+        for name, components in keep.items():
+            axis = axes[name]
+            components = torch.as_tensor(components, dtype=torch.long).flatten()
+            if components.numel() < 1:
+                raise ValueError(f"keep at least one component of axis {name!r} of {type(self).__name__}")
+            sizes[name] = int(components.numel())
+            for param, dim, grouped in axis.slices:
+                index = axis.indices(components.to(sliced[param].device), groups, grouped)
+                sliced[param] = sliced[param].index_select(dim, index)
+        smaller = copy.copy(self)
+        smaller._parameters = dict(self._parameters)
+        smaller._buffers = dict(self._buffers)
+        smaller._non_persistent_buffers_set = set(self._non_persistent_buffers_set)
+        smaller._modules = {name: module if name == "base_layer" else copy.deepcopy(module)
+                            for name, module in self._modules.items()}
+        for name, tensor in sliced.items():
+            owner, _, leaf = name.rpartition(".")
+            target = smaller.get_submodule(owner) if owner else smaller
+            setattr(target, leaf, nn.Parameter(tensor.detach().clone(), requires_grad=tensors[name].requires_grad))
+        smaller._resized(sizes)
+        return smaller
 
     def _set_unmerged(self, module: nn.Module | None) -> None:
         """Keep the factorized base a merge replaced, unregistered (it is no submodule while merged)."""
@@ -490,6 +553,14 @@ class LoRALinear(_LinearMerge, LoRALayer):
         self.lora_A.weight.copy_(a)
         self.lora_B.weight.copy_(b)
 
+    def rank_axes(self) -> list[RankAxis]:
+        """Component ``i``: row ``i`` of ``A`` and column ``i`` of ``B``."""
+        return [RankAxis("rank", self.rank, (("lora_A.weight", 0, False), ("lora_B.weight", 1, False)))]
+
+    def _resized(self, sizes: Mapping[str, int]) -> None:
+        self.rank = sizes.get("rank", self.rank)
+        self.lora_A.out_features = self.lora_B.in_features = self.rank
+
     def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s · B, A)``."""
         return self.lora_B.weight * self.scaling, self.lora_A.weight
@@ -542,6 +613,13 @@ class LoRAEmbedding(LoRALayer):
         self.lora_embedding_A = nn.Parameter(a.to(self._device, self._base_dtype).to(dtype))
         self.lora_embedding_B = nn.Parameter(b.to(self._device, self._base_dtype).to(dtype))
         self._finish_init(prepare)
+
+    def rank_axes(self) -> list[RankAxis]:
+        """Component ``i``: row ``i`` of ``A`` and column ``i`` of ``B``."""
+        return [RankAxis("rank", self.rank, (("lora_embedding_A", 0, False), ("lora_embedding_B", 1, False)))]
+
+    def _resized(self, sizes: Mapping[str, int]) -> None:
+        self.rank = sizes.get("rank", self.rank)
 
     def _pissa(self) -> None:
         b, a = _pissa_factors(self.base_layer.weight.T, self.rank, self.scaling)
@@ -601,6 +679,17 @@ class LoRAConv(LoRALayer):
         self.lora_A = self._to_adapter(lora_A)
         self.lora_B = self._to_adapter(lora_B)
         self._finish_init(prepare)
+
+    def rank_axes(self) -> list[RankAxis]:
+        """Component ``i``: output channel ``g · rank + i`` of ``A`` for every group ``g``, channel ``i`` of ``B``.
+
+        (Each group's ``1 × 1`` kernel of ``B`` reads its own ``rank`` channels.)
+        """
+        return [RankAxis("rank", self.rank, (("lora_A.weight", 0, True), ("lora_B.weight", 1, False)))]
+
+    def _resized(self, sizes: Mapping[str, int]) -> None:
+        self.rank = sizes.get("rank", self.rank)
+        self.lora_A.out_channels = self.lora_B.in_channels = self.groups * self.rank
 
     def _pissa(self) -> None:
         g, r = self.groups, self.rank
@@ -666,6 +755,19 @@ class FLoRALayer(AdapterLayer):
         self.flora_core = nn.Parameter(torch.zeros(self.ranks, device=self._device, dtype=dtype))
         self.flora_factors = nn.ParameterList(factors)
         self.flora_dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+
+    def rank_axes(self) -> list[RankAxis]:
+        """One axis per weight mode, ``"mode0"``, ``"mode1"`` ….
+
+        Component ``j`` of mode ``i`` is the core's slice ``j`` along dim ``i``
+        and column ``j`` of factor ``i``.
+        """
+        return [RankAxis(f"mode{i}", r, (("flora_core", i, False), (f"flora_factors.{i}", 1, False)),
+                         config_key="rank", config_entry=i)
+                for i, r in enumerate(self.ranks)]
+
+    def _resized(self, sizes: Mapping[str, int]) -> None:
+        self.ranks = tuple(sizes.get(f"mode{i}", r) for i, r in enumerate(self.ranks))
 
     def core_weight(self) -> torch.Tensor:
         """``s · G ×₁ A₁ ×₂ A₂ …`` in the modes' order."""

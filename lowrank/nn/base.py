@@ -81,6 +81,13 @@ class FactorizedModule(nn.Module):
         """
         return []
 
+    def budget_parameters(self) -> list[str]:
+        """The names of the parameters a parameter budget counts (all of the module's).
+
+        See :func:`~lowrank.nn.components.active_params`.
+        """
+        return [name for name, _ in self.named_parameters()]
+
     def set_rank_dropout(self, p: float, ordered: bool = False) -> None:
         """Drop whole rank components during training with probability ``p`` (0 turns it off).
 

@@ -116,12 +116,15 @@ def active_params(module: FactorizedModule, sizes: Mapping[str, int]) -> int:
 
     Each parameter shrinks along every dim a rank axis slices (Tucker-2's core
     along both); the bias and any parameter no axis slices keep their size.
+    Only the module's ``budget_parameters()`` count (an adapter layer's own,
+    not its frozen base layer's).
     """
-    scale = {name: 1.0 for name, _ in module.named_parameters()}
+    names = module.budget_parameters()
+    scale = dict.fromkeys(names, 1.0)
     for axis in module.rank_axes():
         for name, _, _ in axis.slices:
             scale[name] *= sizes.get(axis.name, axis.size) / axis.size
-    return sum(round(p.numel() * scale[name]) for name, p in module.named_parameters())
+    return sum(round(module.get_parameter(name).numel() * scale[name]) for name in names)
 
 
 @torch.no_grad()
@@ -141,9 +144,13 @@ def keep_components(module: FactorizedModule, keep: Mapping[str, torch.Tensor]) 
     FactorizedModule
         On ``module``'s device and in its dtype, with its ``requires_grad``
         flags, rank dropout and training mode; its forward equals
-        ``module``'s when the dropped components are zero.
+        ``module``'s when the dropped components are zero. A module with its
+        own ``keep_components`` method (the LoRA and FLoRA layers of
+        :mod:`lowrank.adapters`) builds the smaller module itself.
 
     """
+    if hasattr(module, "keep_components"):
+        return module.keep_components(keep)
     axes = {axis.name: axis for axis in module.rank_axes()}
     unknown = sorted(set(keep) - set(axes))
     if unknown:

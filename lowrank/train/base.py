@@ -11,13 +11,14 @@ factorized modules and returns a :class:`~lowrank.CompressionReport`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from lowrank.adapters.model import adapter_layers
 from lowrank.distributed import unwrap
-from lowrank.nn import FactorizedModule
 from lowrank.nn.surgery import swap_modules
 from lowrank.report import CompressionReport, LayerReport
 from lowrank.targets import Targets
@@ -25,8 +26,13 @@ from lowrank.targets import Targets
 Hook = Callable[[torch.optim.Optimizer, tuple[Any, ...], dict[str, Any]], None]
 
 
-def ranked_modules(model: nn.Module, targets: Targets, user: str) -> dict[str, FactorizedModule]:
+def ranked_modules(model: nn.Module, targets: Targets, user: str, adapters: bool = False) -> dict[str, nn.Module]:
     """The targeted factorized modules of ``model`` that have rank components, by name.
+
+    With ``adapters``, also the targeted adapter layers with rank components
+    (LoRA and FLoRA, see :mod:`lowrank.adapters`; targeted by the kind of
+    their base layer and their name, ``filter_fn`` called with the adapter
+    layer), and no factorized module inside an adapter layer (a frozen base).
 
     Raises
     ------
@@ -35,11 +41,29 @@ def ranked_modules(model: nn.Module, targets: Targets, user: str) -> dict[str, F
         components); the message names ``user``, the job that needs them.
 
     """
-    modules = {target.name: target.module for target in targets.select_factorized(unwrap(model))
-               if target.module.rank_axes()}
+    model = unwrap(model)
+    if not adapters:
+        modules = {target.name: target.module for target in targets.select_factorized(model)
+                   if target.module.rank_axes()}
+    else:
+        layers = adapter_layers(model)
+        inside = {id(module) for layer in layers.values() for module in layer.modules()}
+        unfiltered = replace(targets, filter_fn=None)
+        modules = {name: layer for name, layer in layers.items()
+                   if layer.rank_axes() and unfiltered.matches(name, layer.base_layer)
+                   and (targets.filter_fn is None or targets.filter_fn(name, layer))}
+        try:
+            factorized = targets.select_factorized(model)
+        except ValueError:
+            if not layers:
+                raise
+            factorized = []
+        modules.update({target.name: target.module for target in factorized
+                        if target.module.rank_axes() and id(target.module) not in inside})
     if not modules:
         raise ValueError(f"{user} found no factorized module with rank components among the targets "
-                         f"{targets.describe()} (tensor-train and tensor-network layers have none)")
+                         f"{targets.describe()} (tensor-train and tensor-network layers have none)"
+                         + (", and no LoRA or FLoRA adapter layer" if adapters else ""))
     return modules
 
 

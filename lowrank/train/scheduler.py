@@ -1,10 +1,11 @@
-"""A gradient-aware rank scheduler for factorized models: AdaLoRA's importance scores, one global budget.
+"""A gradient-aware rank scheduler for factorized models and LoRA adapters: AdaLoRA's scores, one global budget.
 
 Each rank component (see :mod:`lowrank.nn.components`) is scored by the
 smoothed sensitivity ``|θ · ∇θ|`` of its entries times the smoothed
 uncertainty of that sensitivity (Zhang et al. 2023, AdaLoRA). One parameter
 budget, shared by every targeted module, falls on a cubic schedule from the
-modules' starting size to ``ratio`` of their dense layers' size; at each
+modules' starting size to ``ratio`` of their dense layers' size (of their
+starting size, for adapter layers: see :class:`RankScheduler`); at each
 update the lowest-scoring components are masked (set to zero and kept there)
 until the model fits. Shapes never change while training, so optimizers and
 DDP stay valid; :meth:`RankScheduler.finalize` removes the masked components,
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank.adapters.layers import dense_shape
 from lowrank.checks import check_fraction, check_int
 from lowrank.nn import FactorizedModule
 from lowrank.nn.components import active_params, component_sums, keep_components, zero_components
@@ -30,7 +32,7 @@ from lowrank.train.schedules import cubic_budget
 
 
 class RankScheduler(TrainingMethod):
-    """Mask the least important rank components of a factorized model until it fits a falling budget.
+    """Mask the least important rank components of a factorized or adapted model until it fits a falling budget.
 
     Attaches to ``optimizer``: before each update it folds ``|θ · ∇θ|`` into
     every targeted entry's smoothed score; every ``interval`` steps within the
@@ -41,12 +43,19 @@ class RankScheduler(TrainingMethod):
     Parameters
     ----------
     model : nn.Module
-        A model with factorized modules (from :func:`lowrank.compress`), or its DDP wrapper.
+        A model with factorized modules (from :func:`lowrank.compress`) or
+        LoRA / FLoRA adapters (from :func:`lowrank.adapters.add`; AdaLoRA),
+        or its DDP wrapper. A factorized module that is an adapter's frozen
+        base is left alone.
     optimizer : torch.optim.Optimizer
         The optimizer training it; it must hold every targeted module's factors.
     ratio : float
         The final budget: parameters of the targeted modules as a share of
         their dense layers' (the meaning ``compress``'s ``ratio`` has), in (0, 1].
+        An adapter layer counts its own parameters only (not its base's), and
+        its share is of its starting size (a dense size means nothing for an
+        adapter): on adapters alone, ``ratio=0.5`` halves the adapters'
+        parameters, hence (for LoRA) their total rank.
     total_steps : int
         The optimizer steps of the run.
     warmup_steps : int, optional
@@ -60,8 +69,10 @@ class RankScheduler(TrainingMethod):
     beta1, beta2 : float
         Smoothing of the sensitivity and of its uncertainty, in [0, 1) (AdaLoRA: 0.85).
     targets : Targets, optional
-        Which factorized modules (by the kind of layer each replaced); those
-        without rank components (tensor trains and networks) are left as they are.
+        Which factorized modules (by the kind of layer each replaced) and
+        adapter layers (by the kind of their base layer; ``filter_fn`` sees
+        the adapter layer); those without rank components (tensor trains and
+        networks) are left as they are.
     include, exclude, kinds, filter_fn
         Shortcuts for the fields of ``targets``.
 
@@ -121,7 +132,7 @@ class RankScheduler(TrainingMethod):
         self.beta1 = check_fraction(beta1, "beta1", low_closed=True, high_closed=False)
         self.beta2 = check_fraction(beta2, "beta2", low_closed=True, high_closed=False)
         self.targets = targets_from(targets, include=include, exclude=exclude, kinds=kinds, filter_fn=filter_fn)
-        self.modules: dict[str, FactorizedModule] = ranked_modules(self.model, self.targets, "RankScheduler")
+        self.modules: dict[str, nn.Module] = ranked_modules(self.model, self.targets, "RankScheduler", adapters=True)
         scored = {f"{name}.{p}" for name, module in self.modules.items()
                   for axis in module.rank_axes() for p, _, _ in axis.slices}
         self._parameters = {name: self.model.get_parameter(name) for name in sorted(scored)}
@@ -131,7 +142,8 @@ class RankScheduler(TrainingMethod):
             for name, module in self.modules.items()
         }
         self._smoothed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        dense = sum(count_params(module.to_dense()) for module in self.modules.values())
+        dense = sum(count_params(module.to_dense()) if isinstance(module, FactorizedModule)
+                    else active_params(module, {}) for module in self.modules.values())
         self.start_budget = self.params()
         minimum = sum(active_params(module, {axis.name: 1 for axis in module.rank_axes()})
                       for module in self.modules.values())
@@ -276,8 +288,14 @@ class RankScheduler(TrainingMethod):
         for name, module in self.modules.items():
             keep = {axis: torch.nonzero(kept).flatten() for axis, kept in self.kept[name].items()}
             smaller = keep_components(module, keep)
-            row = LayerReport.dense(name, module, "rank-scheduler")
-            row.record(module, smaller)
+            if isinstance(module, FactorizedModule):
+                row = LayerReport.dense(name, module, "rank-scheduler")
+                row.record(module, smaller)
+            else:  # an adapter: its own parameters, its ranks as its tensors hold them
+                ranks = tuple(axis.size for axis in smaller.rank_axes())
+                row = LayerReport(name, type(module).__name__, dense_shape(module.base_layer), "rank-scheduler",
+                                  ranks[0] if len(ranks) == 1 else ranks, active_params(module, {}),
+                                  active_params(smaller, {}), None)
             rows.append(row)
             replacements.append((name, smaller))
         settings = {"ratio": self.ratio, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
