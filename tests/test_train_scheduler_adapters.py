@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train_scheduler import batches, train  # the same data and loop as the factorized-model tests
 from torch import nn
 
 from lowrank import adapters
@@ -38,21 +39,6 @@ def adapted(groups: int = 2, embedding: bool = True, config: LoRA | FLoRA | None
     kinds = ("linear", "conv", "embedding") if embedding else ("linear", "conv")
     adapters.add(model, config or LoRA(rank=6, alpha=12), kinds=kinds, include=["embed", "conv", "hidden"])
     return model
-
-
-def batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(1)
-    return [(torch.randint(0, 40, (8, 16), generator=generator), torch.randint(0, 10, (8,), generator=generator))
-            for _ in range(steps)]
-
-
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, data, each=None) -> None:
-    for tokens, labels in data:
-        nn.functional.cross_entropy(model(tokens), labels).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if each is not None:
-            each()
 
 
 def adapter_size(model: nn.Module) -> int:

@@ -246,10 +246,15 @@ class RankScheduler(TrainingMethod):
         return self.ranks
 
     def _zero_masked(self) -> None:
-        """Set every masked component to zero (an optimizer with momentum would move it)."""
+        """Set every masked component to zero (an optimizer with momentum would move it).
+
+        Runs after every optimizer step, so it walks only the axes that have masked components.
+        """
         for name, module in self.modules.items():
             for axis in module.rank_axes():
-                zero_components(module, axis, torch.nonzero(~self.kept[name][axis.name]).flatten())
+                kept = self.kept[name][axis.name]
+                if not kept.all():
+                    zero_components(module, axis, torch.nonzero(~kept).flatten())
 
     def state_dict(self) -> dict[str, Any]:
         """Step, masks, smoothed scores and history."""
