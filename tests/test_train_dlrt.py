@@ -328,8 +328,9 @@ def test_finalize_swaps_in_low_rank_layers_with_the_same_output():
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
     assert [(row.name, row.method, row.rank) for row in report.layers] == [(n, "dlrt", r) for n, r in ranks.items()]
-    assert all(row.relative_error < 1e-5 and row.params_before == 16 * 24 + 24 if row.name == "0" else True
-               for row in report.layers)
+    dense_params = {"0": 16 * 24 + 24, "2": 24 * 8 + 8}
+    assert {row.name: row.params_before for row in report.layers} == dense_params
+    assert all(row.relative_error < 1e-5 for row in report.layers)
     assert report.settings["train"] == {"method": "DLRT", "step": 5, "rank": 4, "tol": 0.3, "min_rank": 2,
                                         "max_rank": None, "targets": dlrt.targets.to_dict()}
 

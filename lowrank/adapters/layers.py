@@ -456,6 +456,17 @@ class LoRALayer(AdapterLayer):
             if prepare:
                 self.prepare_base()
 
+    def _init_factors(self, lora_A: nn.Module, lora_B: nn.Module, prepare: bool) -> None:  # noqa: N803
+        """Initialise ``lora_A`` / ``lora_B`` as PEFT does (B zero), keep them as the adapter, apply PiSSA."""
+        if self.config.init == "gaussian":
+            nn.init.normal_(lora_A.weight, std=1 / self.rank)
+        else:
+            nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(lora_B.weight)
+        self.lora_A = self._to_adapter(lora_A)
+        self.lora_B = self._to_adapter(lora_B)
+        self._finish_init(prepare)
+
     def _pissa(self) -> None:
         """Set the factors from the base weight's top singular triplets."""
         raise NotImplementedError
@@ -538,14 +549,7 @@ class LoRALinear(_LinearMerge, LoRALayer):
         _check_rank(self.rank, min(shape), name, base_layer)
         lora_A = nn.Linear(self.in_features, self.rank, bias=False)  # noqa: N806 (PEFT's names)
         lora_B = nn.Linear(self.rank, self.out_features, bias=False)  # noqa: N806
-        if config.init == "gaussian":
-            nn.init.normal_(lora_A.weight, std=1 / self.rank)
-        else:
-            nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(lora_B.weight)
-        self.lora_A = self._to_adapter(lora_A)
-        self.lora_B = self._to_adapter(lora_B)
-        self._finish_init(prepare)
+        self._init_factors(lora_A, lora_B, prepare)
 
     def _pissa(self) -> None:
         weight = self.base_layer.weight
@@ -671,14 +675,7 @@ class LoRAConv(LoRALayer):
         lora_A = conv(b.in_channels, g * r, self.kernel_size, b.stride, b.padding, b.dilation,  # noqa: N806
                       groups=g, bias=False, padding_mode=b.padding_mode)
         lora_B = conv(g * r, b.out_channels, 1, groups=g, bias=False)  # noqa: N806
-        if config.init == "gaussian":
-            nn.init.normal_(lora_A.weight, std=1 / r)
-        else:
-            nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(lora_B.weight)
-        self.lora_A = self._to_adapter(lora_A)
-        self.lora_B = self._to_adapter(lora_B)
-        self._finish_init(prepare)
+        self._init_factors(lora_A, lora_B, prepare)
 
     def rank_axes(self) -> list[RankAxis]:
         """Component ``i``: output channel ``g · rank + i`` of ``A`` for every group ``g``, channel ``i`` of ``B``.
