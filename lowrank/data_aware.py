@@ -43,6 +43,15 @@ from lowrank.calibrate import (
     relative_output_error,
     run_calibration,
     whitened_low_rank,
+    whitened_spectrum,
+)
+from lowrank.calibrate.blocks import (
+    Blocks,
+    block_inputs,
+    blocks_share_inputs,
+    find_blocks,
+    next_block_inputs,
+    replayed_blocks,
 )
 from lowrank.calibrate.data import TEXT_BATCH_SIZE, TEXT_MAX_LENGTH
 from lowrank.checks import check_bool, check_choice
@@ -400,9 +409,8 @@ def compress_linears(
         elif config.whiten == "asvd":
             spectra[name] = asvd_low_rank(weight, abs_means[name], 1)[2]
         elif config.whiten:
-            spectra[name] = whitened_low_rank(
-                weight, stats[name], 1, output_gram=None if fisher is None else fisher.get(name)
-            )[2]
+            spectra[name] = whitened_spectrum(weight, stats[name],
+                                              output_gram=None if fisher is None else fisher.get(name))
         else:
             spectra[name] = torch.linalg.svdvals(weight)
     # layers the loss does not see (a pooler under the default probe) keep ``ratio`` of their own parameters
@@ -410,37 +418,131 @@ def compress_linears(
     reached = {name: layer for name, layer in layers.items() if name not in unreached}
     ranks = choose_ranks(reached, spectra, ratio=ratio, policy=policy, allocation=allocation)
     ranks.update(choose_ranks(unreached, spectra, ratio=ratio, policy=policy, allocation="uniform"))
-    plans: dict[str, LinearPlan] = {}
-    replaced: list[str] = []
-    # a forward pass may stop once a group has its inputs, unless some layer runs twice in one pass
-    early = isinstance(calibration, Sequence) and all(count == 1 for count in calls.values())
-    reference = copy.deepcopy(model) if config.refits else None
-    cross: dict[str, torch.Tensor] = {}
+    run = _SequentialRun(model, layers, ranks, config, stats, abs_means)
     try:
-        for group in tqdm(layer_groups(order), desc="lowrank.compress (calibrated)", unit="group",
-                          disable=not progress):
-            todo = [name for name in group if ranks[name] is not None]
-            if config.sequential and config.whiten and todo and replaced:
-                if reference is not None:
-                    for name, (gram, moment) in collect_paired_statistics(
-                        model, reference, todo, calibration, stop_early=early
-                    ).items():
-                        stats[name], cross[name] = gram, moment
-                else:
-                    watched = {name: layers[name] for name in todo}
-                    for name, s in collect_input_statistics(model, watched, calibration, stop_early=early).items():
-                        stats[name], abs_means[name] = s.gram, s.abs_mean
-            for name in todo:
-                plans[name] = _plan_layer(name, layers[name], ranks[name], config.whiten, stats[name],
-                                          abs_means[name], cross.get(name))
-            swap_modules(model, [(name, plans[name].module) for name in todo])
-            replaced += todo
+        groups = layer_groups(order)
+        blocks = _blockwise_plan(model, groups, calibration, calls, config)
+        if blocks is None:
+            reference = copy.deepcopy(model) if config.refits else None
+            # a forward pass may stop once a group has its inputs, unless some layer runs twice in one pass
+            early = isinstance(calibration, Sequence) and all(count == 1 for count in calls.values())
+            for group in tqdm(groups, desc="lowrank.compress (calibrated)", unit="group", disable=not progress):
+                run.group(group, model, reference, calibration, calibration, early=early)
+        else:
+            run.blockwise(blocks, groups, calibration, progress)
     except BaseException:
-        swap_modules(model, [(name, layers[name]) for name in reversed(replaced)])
+        swap_modules(model, [(name, layers[name]) for name in reversed(run.replaced)])
         raise
+    plans = run.plans
     reason = ("no rank below break-even is worth its parameters within the budget" if policy is None
               else f"{policy} gives no rank from 1 to below break-even")
     return [plans.get(name, LinearPlan(name, None, None, None, reason)) for name in order]
+
+
+def _blockwise_plan(
+    model: nn.Module, groups: list[list[str]], calibration: Calibration, calls: dict[str, int],
+    config: CalibrationConfig,
+) -> Blocks | None:
+    """The blocks to calibrate block by block, or None where the whole model must run for each group.
+
+    Block by block needs: groups that gather statistics again (sequential and
+    whitened), batches, every layer run once per forward, repeated blocks
+    (:func:`lowrank.calibrate.blocks.find_blocks`) that receive the same inputs
+    but the hidden states, each group inside one block or after the last one,
+    and the groups of the blocks in block order.
+    """
+    if not (config.sequential and config.whiten and isinstance(calibration, Sequence)):
+        return None
+    if any(count != 1 for count in calls.values()):
+        return None
+    blocks = find_blocks(model, [name for group in groups for name in group])
+    if blocks is None:
+        return None
+    indices = [blocks.index_of(group[0]) for group in groups]
+    if any({blocks.index_of(name) for name in group} != {index} for group, index in zip(groups, indices)):
+        return None
+    inside = [index for index in indices if index is not None]
+    if indices[0] is None or indices[: len(inside)] != inside or inside != sorted(inside):
+        return None  # a group before the first block, between blocks, or out of block order
+    return blocks if blocks_share_inputs(model, blocks, calibration[0]) else None
+
+
+class _SequentialRun:
+    """The state of sequential compression: statistics refreshed group by group, plans made, layers replaced."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], ranks: dict[str, int | None],
+                 config: CalibrationConfig, stats: dict[str, torch.Tensor], abs_means: dict[str, torch.Tensor]
+                 ) -> None:
+        self.model, self.layers, self.ranks, self.config = model, layers, ranks, config
+        self.stats, self.abs_means = stats, abs_means
+        self.cross: dict[str, torch.Tensor] = {}
+        self.plans: dict[str, LinearPlan] = {}
+        self.replaced: list[str] = []
+
+    def group(self, group: list[str], network: nn.Module, reference: nn.Module | None, calibration: Calibration,
+              reference_calibration: Calibration, *, early: bool, prefix: str = "") -> None:
+        """Compress the layers of ``group`` that have a rank, on their inputs in ``network`` (and ``reference``).
+
+        ``network`` is the model or one of its blocks (whose layers are named
+        without ``prefix``), fed by ``calibration``; ``reference``, its dense
+        copy fed by ``reference_calibration``, is given when second factors are
+        refitted. The first group keeps the dense statistics gathered already.
+        """
+        todo = [name for name in group if self.ranks[name] is not None]
+        if self.config.sequential and self.config.whiten and todo and self.replaced:
+            local = {name: name[len(prefix):] for name in todo}
+            if reference is not None:
+                paired = collect_paired_statistics(network, reference, list(local.values()), calibration,
+                                                   reference_calibration=reference_calibration, stop_early=early)
+                for name, inner in local.items():
+                    self.stats[name], self.cross[name] = paired[inner]
+            else:
+                watched = {inner: self.layers[name] for name, inner in local.items()}
+                found = collect_input_statistics(network, watched, calibration, stop_early=early)
+                for name, inner in local.items():
+                    self.stats[name], self.abs_means[name] = found[inner].gram, found[inner].abs_mean
+        for name in todo:
+            self.plans[name] = _plan_layer(name, self.layers[name], self.ranks[name], self.config.whiten,
+                                           self.stats[name], self.abs_means[name], self.cross.get(name))
+        swap_modules(self.model, [(name, self.plans[name].module) for name in todo])
+        self.replaced += todo
+
+    def blockwise(self, blocks: Blocks, groups: list[list[str]], calibration: Sequence[CalibrationBatch],
+                  progress: bool) -> None:
+        """Compress ``groups`` block by block, each block run on the outputs of the one before, cached.
+
+        The model runs once up to its first block. Each block then runs on its
+        cached inputs: once per group (up to the group) to gather statistics,
+        and once to give the next block its inputs; with a refit, a dense copy
+        of the block does the same on the dense model's hidden states. Groups
+        after the last block (a pooler) run the model with its blocks replaced
+        by their cached outputs.
+        """
+        refits = self.config.refits
+        inputs = block_inputs(self.model, self.model.get_submodule(blocks.names[0]), calibration)
+        dense_inputs = inputs
+        by_block: dict[int | None, list[list[str]]] = {}
+        for group in groups:
+            by_block.setdefault(blocks.index_of(group[0]), []).append(group)
+        as_tuple = False
+        for index, name in enumerate(tqdm(blocks.names, desc="lowrank.compress (calibrated)", unit="block",
+                                          disable=not progress)):
+            block = self.model.get_submodule(name)
+            dense_block = copy.deepcopy(block) if refits else None
+            for group in by_block.get(index, []):
+                self.group(group, block, dense_block, inputs, dense_inputs, early=True, prefix=name + ".")
+            inputs, as_tuple = next_block_inputs(block, inputs)
+            dense_inputs = next_block_inputs(dense_block, dense_inputs)[0] if refits else inputs
+        after = by_block.get(None, [])
+        if not after:
+            return
+        reference = None
+        if refits:
+            with replayed_blocks(self.model, blocks, [batch.args[0] for batch in dense_inputs], as_tuple):
+                reference = copy.deepcopy(self.model)  # the layers outside the blocks, still dense
+        with replayed_blocks(self.model, blocks, [batch.args[0] for batch in inputs], as_tuple):
+            for group in after:
+                self.group(group, self.model, reference, calibration, calibration, early=True)
 
 
 def _plan_layer(

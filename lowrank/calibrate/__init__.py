@@ -14,7 +14,9 @@ Three floors, each usable on its own:
   gradient of a loss with respect to its weight
   (:func:`collect_weight_gradients`); the machinery they share (row
   accumulators, token masks, eval mode, early stops) is in
-  :mod:`~lowrank.calibrate.hooks`;
+  :mod:`~lowrank.calibrate.hooks`; :mod:`~lowrank.calibrate.blocks` finds
+  a model's repeated blocks and makes batches that run one block from the
+  inputs the block before it gave (block-by-block calibration);
 - :mod:`~lowrank.calibrate.whitening` turns a weight and those statistics into
   low-rank factors: whitened truncation (SVD-LLM), ASVD scaling, and a
   least-squares refit of the second factor.
@@ -49,6 +51,7 @@ from lowrank.calibrate.whitening import (
     refit_second,
     relative_output_error,
     whitened_low_rank,
+    whitened_spectrum,
 )
 
 __all__ = [
@@ -71,4 +74,5 @@ __all__ = [
     "relative_output_error",
     "run_calibration",
     "whitened_low_rank",
+    "whitened_spectrum",
 ]

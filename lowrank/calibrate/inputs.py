@@ -154,6 +154,7 @@ def collect_paired_statistics(
     names: Sequence[str],
     calibration: Sequence[CalibrationBatch],
     *,
+    reference_calibration: Sequence[CalibrationBatch] | None = None,
     stop_early: bool = False,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Input Gram matrices of layers of ``model`` and their cross moments with the same layers of ``reference``.
@@ -173,6 +174,10 @@ def collect_paired_statistics(
         The linear layers (``nn.Linear``, Hugging Face ``Conv1D`` or factorized).
     calibration : sequence of CalibrationBatch
         The batches.
+    reference_calibration : sequence of CalibrationBatch, optional
+        The batches ``reference`` runs instead, one per batch of
+        ``calibration`` (when the two are blocks fed by their own models, the
+        compressed and the dense one); by default ``calibration``.
     stop_early : bool
         Abandon each forward pass once every layer has received its input
         (see :func:`collect_input_statistics`).
@@ -219,11 +224,12 @@ def collect_paired_statistics(
         for name in names:
             hooks.enter_context(watcher.watch(name, reference.get_submodule(name), on_dense_input))
             hooks.enter_context(watcher.watch(name, model.get_submodule(name), on_input))
+        references = calibration if reference_calibration is None else reference_calibration
         with eval_mode(model), eval_mode(reference), torch.no_grad():
-            for batch in calibration:
+            for batch, reference_batch in zip(calibration, references, strict=True):
                 batch_mask.set(batch)
-                for network in (reference, model):
-                    watcher.run(network, batch)
+                watcher.run(reference, reference_batch)
+                watcher.run(model, batch)
     missing = [name for name in names if name not in sums]
     if missing:
         raise no_input_error(missing[0])

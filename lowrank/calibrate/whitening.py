@@ -120,6 +120,43 @@ def _balanced(first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, 
     return first * c[:, None], second / c
 
 
+def _weighted(weight: torch.Tensor, gram: torch.Tensor, output_gram: torch.Tensor | None, damping: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(L_F^T W S, S, L_F)`` in float64 (``L_F`` None without ``output_gram``), the inputs checked."""
+    _check_matrix(weight, "weight")
+    out_features, in_features = weight.shape
+    _check_matrix(gram, "gram", (in_features, in_features))
+    w = weight.detach().to(_F64)
+    s_in = cholesky_factor(gram.detach().to(w.device), damping=damping)
+    weighted = w @ s_in
+    s_out = None
+    if output_gram is not None:
+        _check_matrix(output_gram, "output_gram", (out_features, out_features))
+        s_out = cholesky_factor(output_gram.detach().to(w.device), damping=damping)
+        weighted = s_out.T @ weighted
+    return weighted, s_in, s_out
+
+
+def whitened_spectrum(
+    weight: torch.Tensor, gram: torch.Tensor, *, output_gram: torch.Tensor | None = None, damping: float = 0.0
+) -> torch.Tensor:
+    """The singular values of the whitened weight: ``whitened_low_rank(...)[2]`` without the singular vectors.
+
+    Cheaper than the factors (no singular vectors, no triangular solves); what
+    a rank choice reads. Parameters as in :func:`whitened_low_rank`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from lowrank.calibrate import whitened_low_rank, whitened_spectrum
+    >>> w, x = torch.randn(6, 8, dtype=torch.float64), torch.randn(8, 100, dtype=torch.float64)
+    >>> bool(torch.allclose(whitened_spectrum(w, x @ x.T), whitened_low_rank(w, x @ x.T, 1)[2]))
+    True
+
+    """
+    return torch.linalg.svdvals(_weighted(weight, gram, output_gram, damping)[0])
+
+
 def whitened_low_rank(
     weight: torch.Tensor,
     gram: torch.Tensor,
@@ -189,15 +226,7 @@ def whitened_low_rank(
     (rank,) = check_ranks(
         rank, [bound], name=f"rank (an int in [1, {bound}])", what=[f"a {out_features}x{in_features} weight"]
     )
-    _check_matrix(gram, "gram", (in_features, in_features))
-    w = weight.detach().to(_F64)
-    s_in = cholesky_factor(gram.detach().to(w.device), damping=damping)
-    weighted = w @ s_in
-    s_out = None
-    if output_gram is not None:
-        _check_matrix(output_gram, "output_gram", (out_features, out_features))
-        s_out = cholesky_factor(output_gram.detach().to(w.device), damping=damping)
-        weighted = s_out.T @ weighted
+    weighted, s_in, s_out = _weighted(weight, gram, output_gram, damping)
     u, s, vh = torch.linalg.svd(weighted, full_matrices=False)
     first = torch.linalg.solve_triangular(s_in, vh[:rank], upper=False, left=False)  # V_r^T S^{-1}
     second = u[:, :rank] * s[:rank]
