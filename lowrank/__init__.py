@@ -12,13 +12,14 @@ compressed checkpoints; :mod:`lowrank.train` trains with rank regularization and
 
 __version__ = "0.2.0"
 
-from lowrank import adapters, calibrate, decompose, nn, rank, train  # noqa: E402
+from lowrank import adapters, calibrate, decompose, nn, rank, sharded, streaming, train  # noqa: E402
 from lowrank.compress import compress  # noqa: E402
 from lowrank.data_aware import CalibrationConfig  # noqa: E402
 from lowrank.decompose import CP, SVD, TR, TT, Factorization, TTMatrix, Tucker  # noqa: E402
 from lowrank.heal import HealConfig  # noqa: E402
 from lowrank.io import load, save  # noqa: E402
 from lowrank.report import CompressionReport, LayerReport  # noqa: E402
+from lowrank.streaming import compress_checkpoint  # noqa: E402
 from lowrank.targets import Targets  # noqa: E402
 
 __all__ = [
@@ -38,10 +39,13 @@ __all__ = [
     "adapters",
     "calibrate",
     "compress",
+    "compress_checkpoint",
     "decompose",
     "load",
     "nn",
     "rank",
     "save",
+    "sharded",
+    "streaming",
     "train",
 ]

@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--heal-seconds", type=float, metavar="S", help="with --calibration: at most S seconds of healing")
     com.add_argument("--heal-lr", type=float, default=heal.lr, metavar="LR",
                      help=f"with --calibration: the learning rate of healing (default {heal.lr:g})")
+    com.add_argument(
+        "--stream", action=argparse.BooleanOptionalAction, default=None,
+        help="read, compress and write one block at a time (peak memory about one block; allocation energy or "
+        "uniform, no healing); default: when SRC is sharded (model.safetensors.index.json)")
     com.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     com.add_argument("--quiet", action="store_true", help="no progress bar and no report table")
 
@@ -192,8 +196,20 @@ def _configs(args: argparse.Namespace) -> tuple[lowrank.Targets, lowrank.Calibra
 def _compress(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.overwrite:
         raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it")
-    model = lowrank.io.load_pretrained(args.source)
+    stream = args.stream if args.stream is not None else (args.source / lowrank.sharded.INDEX_NAME).is_file()
     targets, calibration, heal = _configs(args)
+    if stream:
+        if heal.enabled:
+            raise ValueError("--heal-steps and --heal-seconds train the whole model: not with --stream")
+        report = lowrank.streaming.compress_checkpoint(
+            args.source, args.output, args.ratio, rank=args.rank, energy=args.energy, method=_parse_method(args.method),
+            targets=targets, calibration=calibration, overwrite=args.overwrite, progress=not args.quiet,
+        )
+        if not args.quiet:
+            print(report)
+        print(f"saved to {args.output} (streamed one block at a time)")
+        return 0
+    model = lowrank.io.load_pretrained(args.source)
     report = lowrank.compress(
         model, args.ratio, rank=args.rank, energy=args.energy, method=_parse_method(args.method), targets=targets,
         calibration=calibration, heal=heal, progress=not args.quiet,

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from lowrank.calibrate import (
     Calibration,
     CalibrationBatch,
+    InputStatistics,
     asvd_low_rank,
     calibration_batches,
     check_probes,
@@ -275,6 +276,17 @@ def first_order_scores(weight: torch.Tensor, gram: torch.Tensor, gradient: torch
     return ((second.T @ gradient.double()) * first).sum(1).abs()
 
 
+def layer_spectrum(layer: nn.Module, whiten: bool | str, inputs: InputStatistics,
+                   output_gram: torch.Tensor | None = None) -> torch.Tensor:
+    """The singular values a rank choice reads for ``layer``: of its whitened, ASVD-scaled or plain weight."""
+    weight = _weight64(layer)
+    if whiten == "asvd":
+        return asvd_low_rank(weight, inputs.abs_mean, 1)[2]
+    if whiten:
+        return whitened_spectrum(weight, inputs.gram, output_gram=output_gram)
+    return torch.linalg.svdvals(weight)
+
+
 def choose_ranks(
     layers: dict[str, nn.Module],
     spectra: dict[str, torch.Tensor],
@@ -403,22 +415,17 @@ def compress_linears(
         gradients = collect_weight_gradients(model, layers, calibration, config.loss_fn, progress=progress)
     spectra = {}
     for name, layer in layers.items():
-        weight = _weight64(layer)
         if gradients is not None:
-            spectra[name] = first_order_scores(weight, stats[name], gradients[name]).sqrt()
-        elif config.whiten == "asvd":
-            spectra[name] = asvd_low_rank(weight, abs_means[name], 1)[2]
-        elif config.whiten:
-            spectra[name] = whitened_spectrum(weight, stats[name],
-                                              output_gram=None if fisher is None else fisher.get(name))
+            spectra[name] = first_order_scores(_weight64(layer), stats[name], gradients[name]).sqrt()
         else:
-            spectra[name] = torch.linalg.svdvals(weight)
+            spectra[name] = layer_spectrum(layer, config.whiten, inputs[name],
+                                           None if fisher is None else fisher.get(name))
     # layers the loss does not see (a pooler under the default probe) keep ``ratio`` of their own parameters
     unreached = {name: layer for name, layer in layers.items() if fisher is not None and name not in fisher}
     reached = {name: layer for name, layer in layers.items() if name not in unreached}
     ranks = choose_ranks(reached, spectra, ratio=ratio, policy=policy, allocation=allocation)
     ranks.update(choose_ranks(unreached, spectra, ratio=ratio, policy=policy, allocation="uniform"))
-    run = _SequentialRun(model, layers, ranks, config, stats, abs_means)
+    run = SequentialRun(model, layers, ranks, config, stats, abs_means)
     try:
         groups = layer_groups(order)
         blocks = _blockwise_plan(model, groups, calibration, calls, config)
@@ -467,7 +474,7 @@ def _blockwise_plan(
     return blocks if blocks_share_inputs(model, blocks, calibration[0]) else None
 
 
-class _SequentialRun:
+class SequentialRun:
     """The state of sequential compression: statistics refreshed group by group, plans made, layers replaced."""
 
     def __init__(self, model: nn.Module, layers: dict[str, nn.Module], ranks: dict[str, int | None],
@@ -489,7 +496,8 @@ class _SequentialRun:
         refitted. The first group keeps the dense statistics gathered already.
         """
         todo = [name for name in group if self.ranks[name] is not None]
-        if self.config.sequential and self.config.whiten and todo and self.replaced:
+        missing = any(name not in self.stats for name in todo)  # streamed: only the first block's are kept
+        if todo and (self.config.sequential and self.config.whiten and self.replaced or missing):
             local = {name: name[len(prefix):] for name in todo}
             if reference is not None:
                 paired = collect_paired_statistics(network, reference, list(local.values()), calibration,
@@ -501,14 +509,16 @@ class _SequentialRun:
                 found = collect_input_statistics(network, watched, calibration, stop_early=early)
                 for name, inner in local.items():
                     self.stats[name], self.abs_means[name] = found[inner].gram, found[inner].abs_mean
-        for name in todo:
+        for name in todo:  # each layer's statistics are dropped once used: float64 n x n matrices add up
             self.plans[name] = _plan_layer(name, self.layers[name], self.ranks[name], self.config.whiten,
-                                           self.stats[name], self.abs_means[name], self.cross.get(name))
+                                           self.stats.pop(name), self.abs_means.pop(name, None),
+                                           self.cross.pop(name, None))
         swap_modules(self.model, [(name, self.plans[name].module) for name in todo])
         self.replaced += todo
 
     def blockwise(self, blocks: Blocks, groups: list[list[str]], calibration: Sequence[CalibrationBatch],
-                  progress: bool) -> None:
+                  progress: bool, *, on_block_start: Callable[[int], None] | None = None,
+                  on_block_end: Callable[[int], None] | None = None) -> None:
         """Compress ``groups`` block by block, each block run on the outputs of the one before, cached.
 
         The model runs once up to its first block. Each block then runs on its
@@ -516,7 +526,9 @@ class _SequentialRun:
         and once to give the next block its inputs; with a refit, a dense copy
         of the block does the same on the dense model's hidden states. Groups
         after the last block (a pooler) run the model with its blocks replaced
-        by their cached outputs.
+        by their cached outputs. ``on_block_start(index)`` and
+        ``on_block_end(index)`` are called around each block's turn (streaming
+        loads a block's weights, then writes and frees them).
         """
         refits = self.config.refits
         inputs = block_inputs(self.model, self.model.get_submodule(blocks.names[0]), calibration)
@@ -527,12 +539,16 @@ class _SequentialRun:
         as_tuple = False
         for index, name in enumerate(tqdm(blocks.names, desc="lowrank.compress (calibrated)", unit="block",
                                           disable=not progress)):
+            if on_block_start is not None:
+                on_block_start(index)
             block = self.model.get_submodule(name)
             dense_block = copy.deepcopy(block) if refits else None
             for group in by_block.get(index, []):
                 self.group(group, block, dense_block, inputs, dense_inputs, early=True, prefix=name + ".")
             inputs, as_tuple = next_block_inputs(block, inputs)
             dense_inputs = next_block_inputs(dense_block, dense_inputs)[0] if refits else inputs
+            if on_block_end is not None:
+                on_block_end(index)
         after = by_block.get(None, [])
         if not after:
             return
@@ -546,7 +562,7 @@ class _SequentialRun:
 
 
 def _plan_layer(
-    name: str, layer: nn.Module, rank: int, whiten: bool | str, gram: torch.Tensor, abs_mean: torch.Tensor,
+    name: str, layer: nn.Module, rank: int, whiten: bool | str, gram: torch.Tensor, abs_mean: torch.Tensor | None,
     cross: torch.Tensor | None = None,
 ) -> LinearPlan:
     """The low-rank replacement of ``layer`` at ``rank``: whitened by ``gram``, ASVD-scaled by ``abs_mean``, or plain.

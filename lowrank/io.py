@@ -277,7 +277,10 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
         The dense model to load into (its structure must be that of the saved
         model before compression); modified in place and returned. Without it,
         a Hugging Face model is rebuilt from ``config.json`` (needs
-        ``transformers``).
+        ``transformers``). A sharded directory (written by
+        :func:`lowrank.streaming.compress_checkpoint`) is read one shard at a
+        time into a model built with its parameters on the meta device, so
+        nothing is allocated twice.
 
     Returns
     -------
@@ -286,12 +289,18 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
         and every tensor loaded, in eval mode.
 
     """
+    from lowrank.sharded import INDEX_NAME, CheckpointReader, empty_model, load_checkpoint
+
     directory = Path(directory)
     plan = read_plan(directory)
+    sharded = (directory / INDEX_NAME).is_file()
     if model is None:
-        model = _model_from_config(directory)
+        model = empty_model(directory) if sharded else _model_from_config(directory)
     apply_plan(model, plan, directory / PLAN_NAME)
-    load_state(model, read_state_dict(directory / WEIGHTS_NAME), directory / WEIGHTS_NAME)
+    if sharded:
+        load_checkpoint(model, CheckpointReader(directory))
+    else:
+        load_state(model, read_state_dict(directory / WEIGHTS_NAME), directory / WEIGHTS_NAME)
     return model.eval()
 
 
@@ -314,12 +323,20 @@ def _model_from_config(directory: Path) -> nn.Module:
 def load_pretrained(source: str | Path) -> nn.Module:
     """A dense Hugging Face model from a checkpoint directory, without unpickling.
 
-    The model is built from ``config.json`` and its weights read from the first
-    of ``model.safetensors``, ``pytorch_model.bin``, ``model.pt`` found.
+    The model is built from ``config.json`` and its weights read from sharded
+    safetensors (``model.safetensors.index.json``, one shard at a time), or
+    else the first of ``model.safetensors``, ``pytorch_model.bin``,
+    ``model.pt`` found.
     """
+    from lowrank.sharded import INDEX_NAME, CheckpointReader, empty_model, load_checkpoint
+
     source = Path(source)
     if not source.is_dir():
         raise FileNotFoundError(f"{source} is not a checkpoint directory")
+    if (source / INDEX_NAME).is_file():
+        model = empty_model(source)
+        load_checkpoint(model, CheckpointReader(source))
+        return model.eval()
     model = _model_from_config(source)
     for name in CHECKPOINT_NAMES:
         if (source / name).is_file():

@@ -38,6 +38,18 @@ def _check_matrix(x: torch.Tensor, name: str, shape: tuple[int, ...] | None = No
     return x
 
 
+def _symmetrised(gram: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """``(gram + gram^T) / 2`` in a new float64 matrix, made a block at a time (no other full-size temporary)."""
+    g = gram.to(_F64, copy=True)
+    n = g.shape[0]
+    for i in range(0, n, block):
+        for j in range(i, n, block):
+            mean = (g[i : i + block, j : j + block] + g[j : j + block, i : i + block].T) / 2
+            g[i : i + block, j : j + block] = mean
+            g[j : j + block, i : i + block] = mean.T
+    return g
+
+
 def cholesky_factor(gram: torch.Tensor, *, damping: float = 0.0, max_tries: int = 12) -> torch.Tensor:
     """Lower Cholesky factor ``L`` of ``gram + shift I``, with the smallest shift that succeeds.
 
@@ -86,8 +98,7 @@ def cholesky_factor(gram: torch.Tensor, *, damping: float = 0.0, max_tries: int 
         raise ValueError(f"gram must be square, got shape {tuple(gram.shape)}")
     if damping < 0 or not max_tries >= 1:
         raise ValueError(f"damping must be >= 0 and max_tries >= 1, got {damping} and {max_tries}")
-    g = gram.to(_F64)
-    g = (g + g.T) / 2
+    g = _symmetrised(gram)
     diagonal = g.diagonal()
     # a product such as A G A^T of a singular G can round a zero diagonal entry to a tiny negative one
     rounding = n * torch.finfo(_F64).eps * float(diagonal.abs().max())
@@ -98,11 +109,11 @@ def cholesky_factor(gram: torch.Tensor, *, damping: float = 0.0, max_tries: int 
     scale = float(diagonal.clamp_min(0).mean())
     if scale == 0.0:
         scale = 1.0  # an all-zero Gram matrix: whitening reduces to a plain SVD
-    eye = torch.eye(n, dtype=_F64, device=g.device)
-    base = g + damping * scale * eye
+    base_diagonal = diagonal + damping * scale  # the shifts go on the diagonal in place: no n x n temporary
     shift = torch.finfo(_F64).eps * scale
     for _ in range(max_tries):
-        factor, info = torch.linalg.cholesky_ex(base + shift * eye)
+        diagonal.copy_(base_diagonal + shift)
+        factor, info = torch.linalg.cholesky_ex(g)
         if int(info) == 0:
             return factor
         shift *= 10

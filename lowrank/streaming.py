@@ -1,0 +1,309 @@
+"""Compress a checkpoint larger than memory: one block at a time, read from its shards and written to new ones.
+
+:func:`compress_checkpoint` is :func:`lowrank.compress` for a Hugging Face
+checkpoint directory (sharded safetensors with ``model.safetensors.index.json``,
+or one ``model.safetensors``) that need not fit in memory. The model is built
+with its parameters on the meta device (:func:`lowrank.sharded.empty_model`);
+the layers outside the repeated blocks (embeddings, final norm, head, pooler)
+are loaded once; then each block is loaded, compressed, written to its own
+output shard and freed. With calibration data, the block-by-block pipeline of
+:mod:`lowrank.data_aware` runs with the blocks streamed twice: a first pass of
+the dense blocks gathers each layer's spectrum for the rank allocation, the
+second compresses them in order. Peak memory is about the layers outside the
+blocks, one dense block (two with the refit's dense copy), its compressed
+form, and the calibration hidden states.
+
+Allocations that backpropagate through the whole model (``"fisher"``,
+``"sensitivity"``) cannot run one block at a time: with a ratio, streaming
+spends it with ``"energy"`` (the default here) or ``"uniform"``. Healing, which
+trains the whole model, is not available either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowrank import __version__
+from lowrank.calibrate import CalibrationBatch, collect_input_statistics
+from lowrank.calibrate.blocks import Blocks, block_inputs, find_blocks, next_block_inputs, replayed_blocks
+from lowrank.compress import _configs, _factorize_layer, _policy
+from lowrank.data_aware import (
+    LOW_RANK,
+    CalibrationConfig,
+    LinearPlan,
+    SequentialRun,
+    choose_ranks,
+    forward_calls,
+    layer_groups,
+    layer_spectrum,
+)
+from lowrank.io import PLAN_NAME, copy_tokenizer_files, plan_of, staged_directory
+from lowrank.nn import resolve_methods
+from lowrank.nn.surgery import swap_modules
+from lowrank.rank import RankPolicy
+from lowrank.report import CompressionReport, LayerReport
+from lowrank.sharded import CheckpointReader, ShardWriter, empty_model, materialize, release
+from lowrank.targets import Target, Targets
+
+STREAMED_ALLOCATIONS = ("uniform", "energy")
+
+
+def compress_checkpoint(
+    source: str | Path,
+    output: str | Path,
+    ratio: float | None = None,
+    *,
+    rank: int | RankPolicy | None = None,
+    energy: float | None = None,
+    method: str | dict[str, str] = "auto",
+    targets: Targets | None = None,
+    calibration: Any = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **shortcuts: Any,
+) -> CompressionReport:
+    """Compress the checkpoint directory ``source`` into ``output``, one block in memory at a time.
+
+    Parameters
+    ----------
+    source : str or Path
+        A Hugging Face checkpoint directory: ``config.json`` and sharded
+        safetensors (``model.safetensors.index.json``) or ``model.safetensors``.
+    output : str or Path
+        The directory to write: sharded safetensors with their index,
+        ``lowrank.json`` (plan and report), ``config.json`` and the tokenizer
+        files. Written to a temporary directory renamed at the end, so an
+        interrupted or failed run leaves no ``output``.
+    ratio, rank, energy, method, targets
+        As in :func:`lowrank.compress`.
+    calibration : optional
+        As in :func:`lowrank.compress` (texts need ``tokenizer=``), except that
+        it must be batches (not a callable), and ``allocation`` with a ratio is
+        ``"energy"`` by default and may be ``"uniform"``; healing is not
+        available. With ``whiten=False`` each layer's reported output error is
+        measured on the inputs it receives in the compressed model.
+    overwrite : bool
+        Replace an existing ``output``.
+    progress : bool
+        Show progress bars.
+    **shortcuts
+        The keyword shortcuts of :func:`lowrank.compress` (``include=``,
+        ``allocation=``, ``tokenizer=``, ...).
+
+    Returns
+    -------
+    CompressionReport
+        One row per targeted layer, as :func:`lowrank.compress` gives; also
+        stored in ``output/lowrank.json``. ``lowrank.load(output)`` reads the
+        result shard by shard.
+
+    Raises
+    ------
+    FileExistsError
+        If ``output`` exists and ``overwrite`` is False.
+    FileNotFoundError, ValueError
+        If a shard is missing or truncated, or a tensor is missing (the shard
+        and the tensor are named); if the model has no repeated blocks; if the
+        allocation needs the whole model.
+
+    """
+    if Path(output).exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists; pass overwrite=True to replace it")
+    policy = _policy(ratio, rank, energy)
+    budget = rank is None and energy is None
+    targets, calibrated, heal = _configs(targets, calibration, None, shortcuts)
+    if heal.enabled:
+        raise ValueError("healing trains the whole model at once: it is not available when streaming")
+    calibrated = _streamed_config(calibrated, budget)
+    methods = resolve_methods(method, targets.kinds)
+    reader = CheckpointReader(source)
+    model = empty_model(source)
+    selected = targets.select(model)
+    blocks = find_blocks(model, [target.name for target in selected])
+    if blocks is None:
+        raise ValueError(f"streaming compresses one block at a time, but {source} has no repeated blocks holding "
+                         "the targeted layers (an nn.ModuleList of modules of one class); use lowrank.compress")
+    report = CompressionReport(settings={
+        "ratio": policy.fraction if budget else None,
+        "rank": None if rank is None else str(policy),
+        "energy": policy.energy if energy is not None else None,
+        "method": {kind: methods[kind].name for kind in targets.kinds},
+        "targets": targets.to_dict(),
+        "calibration": None if calibrated is None else calibrated.to_dict(),
+        "heal": heal.to_dict(),
+        "streamed": {"blocks": blocks.path, "count": len(blocks.names)},
+    })
+    materialize(model, "", reader, exclude=blocks.names)
+    rows: dict[str, LayerReport] = {}
+    calibrated_layers: dict[str, nn.Module] = {}
+    plain: list[Target] = []
+    for target in selected:
+        if target.head:
+            rows[target.name] = LayerReport.dense(target.name, target.module, skip_reason="output head")
+        elif calibrated is not None and methods[target.kind] is LOW_RANK:
+            calibrated_layers[target.name] = target.module
+        else:
+            plain.append(target)
+
+    with staged_directory(output, overwrite) as staging:
+        writer = ShardWriter(staging)
+
+        def start_block(index: int) -> None:
+            materialize(model, blocks.names[index], reader)
+
+        def finish_block(index: int, plans: dict[str, LinearPlan]) -> None:
+            """Factorize the block's other targets, record its rows, write it, free it and its dense layers."""
+            inside = [target for target in plain if blocks.index_of(target.name) == index]
+            _factorize_plainly(model, inside, methods, policy, rows)
+            for name, plan in plans.items():
+                if blocks.index_of(name) == index and plan.module is not None:
+                    rows[name] = _calibrated_row(plan, calibrated_layers[name])
+                    release(calibrated_layers[name])
+            name = blocks.names[index]
+            block = model.get_submodule(name)
+            writer.write({f"{name}.{key}": value for key, value in block.state_dict().items()})
+            for module in (block, *(target.module for target in inside)):
+                release(module)
+
+        if calibrated is None:
+            for index in tqdm(range(len(blocks.names)), desc="lowrank.compress (streamed)", unit="block",
+                              disable=not progress):
+                start_block(index)
+                finish_block(index, {})
+        else:
+            plans = _compress_calibrated(model, blocks, reader, calibrated_layers, calibrated, policy, budget,
+                                         progress, start_block, finish_block)
+            for plan in plans:  # those after the blocks, and those left dense
+                if plan.name not in rows:
+                    rows[plan.name] = _calibrated_row(plan, calibrated_layers[plan.name])
+        _factorize_plainly(model, [t for t in plain if blocks.index_of(t.name) is None], methods, policy, rows)
+        report.layers = [rows[target.name] for target in selected]
+        prefixes = tuple(f"{name}." for name in blocks.names)
+        writer.write(_unique_tensors({key: value for key, value in model.state_dict().items()
+                                      if not key.startswith(prefixes)}))
+        writer.finish()
+        plan = {"format": "lowrank", "version": __version__, "model_class": type(model).__name__,
+                "modules": plan_of(model), "adapters": {}, "report": report.to_dict()}
+        (staging / PLAN_NAME).write_text(json.dumps(plan, indent=1))
+        model.config.save_pretrained(staging)
+        copy_tokenizer_files(Path(source), staging)
+    return report
+
+
+def _streamed_config(config: CalibrationConfig | None, budget: bool) -> CalibrationConfig | None:
+    """The calibration config with its streamed allocation recorded (``"energy"`` for a budget by default)."""
+    if config is None:
+        return None
+    if config.runs_itself:
+        raise ValueError("streaming runs one block at a time from cached inputs: give calibration texts or "
+                         "batches, not a callable")
+    allocation = config.allocation or ("energy" if budget else "uniform")
+    if allocation not in STREAMED_ALLOCATIONS:
+        raise ValueError(f"allocation={allocation!r} backpropagates through the whole model, which streaming never "
+                         f"holds: use one of {', '.join(map(repr, STREAMED_ALLOCATIONS))} (the default is 'energy')")
+    return dataclasses.replace(config, allocation=config.allocation_for(budget) if config.allocation else allocation)
+
+
+def _calibrated_row(plan: LinearPlan, layer: nn.Module) -> LayerReport:
+    """The report row of a layer compressed data-aware (``layer``, the dense one, still loaded if replaced)."""
+    row = LayerReport.dense(plan.name, layer, LOW_RANK.name, plan.skip_reason)
+    row.rank, row.output_error = plan.rank, plan.output_error
+    if plan.module is not None:
+        row.record(layer, plan.module)
+    return row
+
+
+def _factorize_plainly(model: nn.Module, targets: list[Target], methods: dict, policy: RankPolicy,
+                       rows: dict[str, LayerReport]) -> None:
+    """Factorize ``targets`` each on its own (no calibration), swapping them into ``model``; their rows."""
+    replacements = []
+    for target in targets:
+        row, factorized = _factorize_layer(target, methods[target.kind], policy)
+        rows[target.name] = row
+        if factorized is not None:
+            replacements.append((target.name, factorized))
+    swap_modules(model, replacements)
+
+
+def _compress_calibrated(
+    model: nn.Module, blocks: Blocks, reader: CheckpointReader, layers: dict[str, nn.Module],
+    config: CalibrationConfig, policy: RankPolicy, budget: bool, progress: bool, start_block, finish_block,
+) -> list[LinearPlan]:
+    """Data-aware compression of ``layers`` with the blocks streamed: a dense pass for the ranks, then the pipeline."""
+    calibration = config.data
+    order, spectra, first_inputs = _dense_pass(model, blocks, reader, layers, calibration, config, progress)
+    layers = {name: layers[name] for name in order}
+    ranks = choose_ranks(layers, spectra, ratio=policy.fraction if budget else None,
+                         policy=None if budget else policy, allocation=config.allocation)
+    stats = {name: inputs.gram for name, inputs in first_inputs.items()}
+    abs_means = {name: inputs.abs_mean for name, inputs in first_inputs.items()}
+    run = SequentialRun(model, layers, ranks, config, stats, abs_means)
+    run.blockwise(blocks, layer_groups(order), calibration, progress, on_block_start=start_block,
+                  on_block_end=lambda index: finish_block(index, run.plans))
+    reason = ("no rank below break-even is worth its parameters within the budget" if budget
+              else f"{policy} gives no rank from 1 to below break-even")
+    return [run.plans.get(name, LinearPlan(name, None, None, None, reason)) for name in order]
+
+
+def _dense_pass(
+    model: nn.Module, blocks: Blocks, reader: CheckpointReader, layers: dict[str, nn.Module],
+    calibration: Sequence[CalibrationBatch], config: CalibrationConfig, progress: bool,
+) -> tuple[list[str], dict, dict]:
+    """Each block loaded in turn, run on the dense hidden states: the layers' forward order and spectra.
+
+    Also returns the input statistics of the first block's layers, which the
+    pipeline's first group uses as they are. Layers after the last block run
+    with the blocks replaced by their cached outputs.
+    """
+    inputs = block_inputs(model, model.get_submodule(blocks.names[0]), calibration)
+    order: list[str] = []
+    spectra: dict = {}
+    first: dict = {}
+    as_tuple = False
+    for index, name in enumerate(tqdm(blocks.names, desc="lowrank.compress (streamed, dense pass)", unit="block",
+                                      disable=not progress)):
+        materialize(model, name, reader)
+        block = model.get_submodule(name)
+        inner = {full[len(name) + 1:]: layer for full, layer in layers.items() if blocks.index_of(full) == index}
+        if inner:
+            calls = forward_calls(block, inner, inputs)
+            if any(count != 1 for count in calls.values()):
+                raise ValueError(f"block {name!r}: a layer runs {max(calls.values())} times per forward (or never); "
+                                 "streaming needs each layer to run once")
+            statistics = collect_input_statistics(block, {key: inner[key] for key in calls}, inputs)
+            for key in calls:
+                full = f"{name}.{key}"
+                order.append(full)
+                spectra[full] = layer_spectrum(layers[full], config.whiten, statistics[key])
+                if index == 0:
+                    first[full] = statistics[key]
+        inputs, as_tuple = next_block_inputs(block, inputs)
+        release(block)
+    after = {full: layer for full, layer in layers.items() if blocks.index_of(full) is None}
+    if after:
+        with replayed_blocks(model, blocks, [batch.args[0] for batch in inputs], as_tuple):
+            calls = forward_calls(model, after, calibration)
+            statistics = collect_input_statistics(model, after, calibration)
+        for full in calls:
+            order.append(full)
+            spectra[full] = layer_spectrum(layers[full], config.whiten, statistics[full])
+    return order, spectra, first
+
+
+def _unique_tensors(state: dict) -> dict:
+    """``state`` with each shared tensor (tied weights) kept once, under its first name."""
+    seen: set[tuple[int, int]] = set()
+    unique = {}
+    for key, value in state.items():
+        identity = (value.untyped_storage().data_ptr(), value.storage_offset())
+        if identity not in seen:
+            seen.add(identity)
+            unique[key] = value
+    return unique
