@@ -12,7 +12,7 @@ compressed checkpoints; :mod:`lowrank.train` trains with rank regularization and
 
 __version__ = "0.2.0"
 
-from lowrank import adapters, calibrate, decompose, nn, rank, sharded, streaming, train  # noqa: E402
+from lowrank import adapters, calibrate, decompose, distributed, nn, rank, sharded, streaming, train  # noqa: E402
 from lowrank.compress import compress  # noqa: E402
 from lowrank.data_aware import CalibrationConfig  # noqa: E402
 from lowrank.decompose import CP, SVD, TR, TT, Factorization, TTMatrix, Tucker  # noqa: E402
@@ -41,6 +41,7 @@ __all__ = [
     "compress",
     "compress_checkpoint",
     "decompose",
+    "distributed",
     "load",
     "nn",
     "rank",

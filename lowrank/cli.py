@@ -196,6 +196,12 @@ def _configs(args: argparse.Namespace) -> tuple[lowrank.Targets, lowrank.Calibra
 def _compress(args: argparse.Namespace) -> int:
     if args.output.exists() and not args.overwrite:
         raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it")
+    with lowrank.distributed.process_group_from_environment():  # under torchrun: the batches shared, rank 0 writes
+        return _compress_in_group(args)
+
+
+def _compress_in_group(args: argparse.Namespace) -> int:
+    writer = lowrank.distributed.world()[0] == 0
     stream = args.stream if args.stream is not None else (args.source / lowrank.sharded.INDEX_NAME).is_file()
     targets, calibration, heal = _configs(args)
     if stream:
@@ -205,19 +211,22 @@ def _compress(args: argparse.Namespace) -> int:
             args.source, args.output, args.ratio, rank=args.rank, energy=args.energy, method=_parse_method(args.method),
             targets=targets, calibration=calibration, overwrite=args.overwrite, progress=not args.quiet,
         )
-        if not args.quiet:
-            print(report)
-        print(f"saved to {args.output} (streamed one block at a time)")
+        if writer:
+            if not args.quiet:
+                print(report)
+            print(f"saved to {args.output} (streamed one block at a time)")
         return 0
     model = lowrank.io.load_pretrained(args.source)
     report = lowrank.compress(
         model, args.ratio, rank=args.rank, energy=args.energy, method=_parse_method(args.method), targets=targets,
         calibration=calibration, heal=heal, progress=not args.quiet,
     )
-    lowrank.save(model, args.output, report=report, overwrite=args.overwrite)
-    if not args.quiet:
-        print(report)
-    print(f"saved to {args.output}")
+    if writer:
+        lowrank.save(model, args.output, report=report, overwrite=args.overwrite)
+        if not args.quiet:
+            print(report)
+        print(f"saved to {args.output}")
+    lowrank.distributed.barrier()
     return 0
 
 

@@ -56,6 +56,7 @@ from lowrank.calibrate.blocks import (
 )
 from lowrank.calibrate.data import TEXT_BATCH_SIZE, TEXT_MAX_LENGTH
 from lowrank.checks import check_bool, check_choice
+from lowrank.distributed import all_reduce_sum, broadcast_from, local_share, owner, world
 from lowrank.nn import METHODS, LowRankLinear
 from lowrank.nn.dense import bias_size, count_params, linear_bias, linear_type, linear_weight
 from lowrank.nn.surgery import swap_modules
@@ -400,26 +401,30 @@ def compress_linears(
     if (ratio is None) == (policy is None):
         raise ValueError("give one of ratio= and policy=")
     allocation = config.allocation_for(budget=ratio is not None)
-    calibration = config.data
-    calls = forward_calls(model, layers, calibration)
+    calls = forward_calls(model, layers, config.data)
     order = list(calls)
     layers = {name: layers[name] for name in order}
-    inputs = collect_input_statistics(model, layers, calibration, progress=progress)
+    # under torch.distributed each process runs its share of the batches; the sums are added over processes
+    calibration, batch_ids = (local_share(config.data) if isinstance(config.data, Sequence)
+                              else (config.data, None))
+    inputs = summed_statistics(collect_input_statistics(model, layers, calibration, progress=progress))
     stats = {name: s.gram for name, s in inputs.items()}
     abs_means = {name: s.abs_mean for name, s in inputs.items()}
     fisher = gradients = None
     if allocation == "fisher":
         fisher = collect_output_fisher(model, layers, calibration, loss_fn=config.loss_fn, skip_unreached=True,
-                                       n_probes=config.n_probes, progress=progress)
+                                       n_probes=config.n_probes, batch_ids=batch_ids, progress=progress)
+        all_reduce_sum(list(fisher.values()))
     if allocation == "sensitivity":
         gradients = collect_weight_gradients(model, layers, calibration, config.loss_fn, progress=progress)
-    spectra = {}
-    for name, layer in layers.items():
+        all_reduce_sum(list(gradients.values()))
+
+    def spectrum(name: str, layer: nn.Module) -> torch.Tensor:
         if gradients is not None:
-            spectra[name] = first_order_scores(_weight64(layer), stats[name], gradients[name]).sqrt()
-        else:
-            spectra[name] = layer_spectrum(layer, config.whiten, inputs[name],
-                                           None if fisher is None else fisher.get(name))
+            return first_order_scores(_weight64(layer), stats[name], gradients[name]).sqrt()
+        return layer_spectrum(layer, config.whiten, inputs[name], None if fisher is None else fisher.get(name))
+
+    spectra = spread_spectra(layers, spectrum)
     # layers the loss does not see (a pooler under the default probe) keep ``ratio`` of their own parameters
     unreached = {name: layer for name, layer in layers.items() if fisher is not None and name not in fisher}
     reached = {name: layer for name, layer in layers.items() if name not in unreached}
@@ -428,11 +433,11 @@ def compress_linears(
     run = SequentialRun(model, layers, ranks, config, stats, abs_means)
     try:
         groups = layer_groups(order)
-        blocks = _blockwise_plan(model, groups, calibration, calls, config)
+        blocks = _blockwise_plan(model, groups, config.data, calls, config)
         if blocks is None:
             reference = copy.deepcopy(model) if config.refits else None
             # a forward pass may stop once a group has its inputs, unless some layer runs twice in one pass
-            early = isinstance(calibration, Sequence) and all(count == 1 for count in calls.values())
+            early = isinstance(config.data, Sequence) and all(count == 1 for count in calls.values())
             for group in tqdm(groups, desc="lowrank.compress (calibrated)", unit="group", disable=not progress):
                 run.group(group, model, reference, calibration, calibration, early=early)
         else:
@@ -502,17 +507,20 @@ class SequentialRun:
             if reference is not None:
                 paired = collect_paired_statistics(network, reference, list(local.values()), calibration,
                                                    reference_calibration=reference_calibration, stop_early=early)
+                all_reduce_sum([moment for pair in paired.values() for moment in pair])
                 for name, inner in local.items():
                     self.stats[name], self.cross[name] = paired[inner]
             else:
                 watched = {inner: self.layers[name] for name, inner in local.items()}
-                found = collect_input_statistics(network, watched, calibration, stop_early=early)
+                found = summed_statistics(collect_input_statistics(network, watched, calibration, stop_early=early))
                 for name, inner in local.items():
                     self.stats[name], self.abs_means[name] = found[inner].gram, found[inner].abs_mean
-        for name in todo:  # each layer's statistics are dropped once used: float64 n x n matrices add up
-            self.plans[name] = _plan_layer(name, self.layers[name], self.ranks[name], self.config.whiten,
-                                           self.stats.pop(name), self.abs_means.pop(name, None),
-                                           self.cross.pop(name, None))
+        for index, name in enumerate(todo):  # each layer's statistics are dropped once used: they add up
+            stats = (self.stats.pop(name), self.abs_means.pop(name, None), self.cross.pop(name, None))
+            source = owner(index)  # the factors are spread over the processes, then shared
+            plan = (_plan_layer(name, self.layers[name], self.ranks[name], self.config.whiten, *stats)
+                    if source == world()[0] else None)
+            self.plans[name] = _shared_plan(plan, name, self.layers[name], self.ranks[name], source)
         swap_modules(self.model, [(name, self.plans[name].module) for name in todo])
         self.replaced += todo
 
@@ -559,6 +567,49 @@ class SequentialRun:
         with replayed_blocks(self.model, blocks, [batch.args[0] for batch in inputs], as_tuple):
             for group in after:
                 self.group(group, self.model, reference, calibration, calibration, early=True)
+
+
+def spread_spectra(layers: dict[str, nn.Module], spectrum: Callable[[str, nn.Module], torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+    """``spectrum(name, layer)`` of every layer, computed by one process each (round robin) and shared with all.
+
+    Each spectrum has ``min(out, in)`` float64 values (one per component).
+    """
+    spectra = {}
+    for index, (name, layer) in enumerate(layers.items()):
+        if owner(index) == world()[0]:
+            spectra[name] = spectrum(name, layer)
+        else:
+            spectra[name] = torch.empty(min(linear_weight(layer).shape), dtype=torch.float64)
+        broadcast_from([spectra[name]], owner(index))
+    return spectra
+
+
+def summed_statistics(inputs: dict[str, InputStatistics]) -> dict[str, InputStatistics]:
+    """Input statistics summed over the processes of torch.distributed (the same without a process group)."""
+    if world()[1] == 1:
+        return inputs
+    counts = torch.tensor([s.count for s in inputs.values()], dtype=torch.float64)
+    all_reduce_sum([*(s.gram for s in inputs.values()), *(s.abs_sum for s in inputs.values()), counts])
+    return {name: InputStatistics(s.gram, s.abs_sum, int(count))
+            for (name, s), count in zip(inputs.items(), counts.tolist())}
+
+
+def _shared_plan(plan: LinearPlan | None, name: str, layer: nn.Module, rank: int, source: int) -> LinearPlan:
+    """The plan of the process ``source`` (which made it) on every process, its factors broadcast."""
+    if world()[1] == 1:
+        return plan
+    if plan is None:
+        out_features, in_features = linear_weight(layer).shape
+        bias = linear_bias(layer)
+        module = LowRankLinear.from_factors(
+            torch.zeros(rank, in_features), torch.zeros(out_features, rank),
+            None if bias is None else torch.zeros_like(bias), linear_type(layer), dtype=layer.weight.dtype)
+        module.train(layer.training)
+        plan = LinearPlan(name, rank, module, 0.0, None)
+    error = torch.tensor(plan.output_error, dtype=torch.float64)
+    broadcast_from([*plan.module.state_dict().values(), error], source)
+    return dataclasses.replace(plan, output_error=float(error))
 
 
 def _plan_layer(

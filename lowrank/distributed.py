@@ -6,11 +6,34 @@ in one process (no process group: rank 0 of 1, nothing sent) and in many.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+T = TypeVar("T")
+
+
+@contextmanager
+def process_group_from_environment() -> Iterator[None]:
+    """Within the context, a gloo process group when ``torchrun`` started this process with others.
+
+    Nothing is done when one is initialised already or ``WORLD_SIZE`` is absent
+    or 1; the group started here is destroyed at the end.
+    """
+    started = False
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+        started = True
+    try:
+        yield
+    finally:
+        if started:
+            dist.destroy_process_group()
 
 
 def world() -> tuple[int, int]:
@@ -34,6 +57,36 @@ def broadcast_from(tensors: Sequence[torch.Tensor], source: int) -> None:
         return
     for tensor in tensors:
         dist.broadcast(tensor, src=source)
+
+
+def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
+    """Replace ``tensors`` on every rank by their sums over the ranks, in place (nothing without a group)."""
+    if world()[1] == 1:
+        return
+    for tensor in tensors:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing without a group)."""
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def local_share(items: Sequence[T]) -> tuple[list[T], list[int]]:
+    """The items of ``items`` this rank takes (round robin: item ``i`` to rank ``i % world_size``), and their indices.
+
+    Raises
+    ------
+    ValueError
+        If there are fewer items than ranks (a rank would have none).
+    """
+    rank, size = world()
+    if len(items) < size:
+        raise ValueError(f"{len(items)} calibration batches cannot be shared among {size} processes: give at least "
+                         "one batch per process")
+    indices = list(range(rank, len(items), size))
+    return [items[i] for i in indices], indices
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -21,12 +21,15 @@ trains the whole model, is not available either.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -43,7 +46,10 @@ from lowrank.data_aware import (
     forward_calls,
     layer_groups,
     layer_spectrum,
+    spread_spectra,
+    summed_statistics,
 )
+from lowrank.distributed import barrier, local_share, world
 from lowrank.io import PLAN_NAME, copy_tokenizer_files, plan_of, staged_directory
 from lowrank.nn import resolve_methods
 from lowrank.nn.surgery import swap_modules
@@ -152,8 +158,9 @@ def compress_checkpoint(
         else:
             plain.append(target)
 
-    with staged_directory(output, overwrite) as staging:
-        writer = ShardWriter(staging)
+    writing = world()[0] == 0  # under torch.distributed, rank 0 writes
+    with staged_directory(output, overwrite) if writing else contextlib.nullcontext() as staging:
+        writer = ShardWriter(staging) if writing else None
 
         def start_block(index: int) -> None:
             materialize(model, blocks.names[index], reader)
@@ -168,7 +175,8 @@ def compress_checkpoint(
                     release(calibrated_layers[name])
             name = blocks.names[index]
             block = model.get_submodule(name)
-            writer.write({f"{name}.{key}": value for key, value in block.state_dict().items()})
+            if writer is not None:
+                writer.write({f"{name}.{key}": value for key, value in block.state_dict().items()})
             for module in (block, *(target.module for target in inside)):
                 release(module)
 
@@ -185,15 +193,17 @@ def compress_checkpoint(
                     rows[plan.name] = _calibrated_row(plan, calibrated_layers[plan.name])
         _factorize_plainly(model, [t for t in plain if blocks.index_of(t.name) is None], methods, policy, rows)
         report.layers = [rows[target.name] for target in selected]
-        prefixes = tuple(f"{name}." for name in blocks.names)
-        writer.write(_unique_tensors({key: value for key, value in model.state_dict().items()
-                                      if not key.startswith(prefixes)}))
-        writer.finish()
-        plan = {"format": "lowrank", "version": __version__, "model_class": type(model).__name__,
-                "modules": plan_of(model), "adapters": {}, "report": report.to_dict()}
-        (staging / PLAN_NAME).write_text(json.dumps(plan, indent=1))
-        model.config.save_pretrained(staging)
-        copy_tokenizer_files(Path(source), staging)
+        if writer is not None:
+            prefixes = tuple(f"{name}." for name in blocks.names)
+            writer.write(_unique_tensors({key: value for key, value in model.state_dict().items()
+                                          if not key.startswith(prefixes)}))
+            writer.finish()
+            plan = {"format": "lowrank", "version": __version__, "model_class": type(model).__name__,
+                    "modules": plan_of(model), "adapters": {}, "report": report.to_dict()}
+            (staging / PLAN_NAME).write_text(json.dumps(plan, indent=1))
+            model.config.save_pretrained(staging)
+            copy_tokenizer_files(Path(source), staging)
+    barrier()
     return report
 
 
@@ -237,7 +247,7 @@ def _compress_calibrated(
     config: CalibrationConfig, policy: RankPolicy, budget: bool, progress: bool, start_block, finish_block,
 ) -> list[LinearPlan]:
     """Data-aware compression of ``layers`` with the blocks streamed: a dense pass for the ranks, then the pipeline."""
-    calibration = config.data
+    calibration, _ = local_share(config.data)  # under torch.distributed, this process's share of the batches
     order, spectra, first_inputs = _dense_pass(model, blocks, reader, layers, calibration, config, progress)
     layers = {name: layers[name] for name in order}
     ranks = choose_ranks(layers, spectra, ratio=policy.fraction if budget else None,
@@ -277,24 +287,31 @@ def _dense_pass(
             if any(count != 1 for count in calls.values()):
                 raise ValueError(f"block {name!r}: a layer runs {max(calls.values())} times per forward (or never); "
                                  "streaming needs each layer to run once")
-            statistics = collect_input_statistics(block, {key: inner[key] for key in calls}, inputs)
-            for key in calls:
-                full = f"{name}.{key}"
-                order.append(full)
-                spectra[full] = layer_spectrum(layers[full], config.whiten, statistics[key])
-                if index == 0:
-                    first[full] = statistics[key]
+            statistics = summed_statistics(collect_input_statistics(block, {key: inner[key] for key in calls},
+                                                                    inputs))
+            found = spread_spectra({key: inner[key] for key in calls},
+                                   partial(_spectrum_from, statistics, config.whiten))
+            order += [f"{name}.{key}" for key in found]
+            spectra.update({f"{name}.{key}": value for key, value in found.items()})
+            if index == 0:
+                first.update({f"{name}.{key}": statistics[key] for key in calls})
         inputs, as_tuple = next_block_inputs(block, inputs)
         release(block)
     after = {full: layer for full, layer in layers.items() if blocks.index_of(full) is None}
     if after:
         with replayed_blocks(model, blocks, [batch.args[0] for batch in inputs], as_tuple):
             calls = forward_calls(model, after, calibration)
-            statistics = collect_input_statistics(model, after, calibration)
-        for full in calls:
-            order.append(full)
-            spectra[full] = layer_spectrum(layers[full], config.whiten, statistics[full])
+            statistics = summed_statistics(collect_input_statistics(model, after, calibration))
+        found = spread_spectra({full: after[full] for full in calls},
+                               partial(_spectrum_from, statistics, config.whiten))
+        order += found
+        spectra.update(found)
     return order, spectra, first
+
+
+def _spectrum_from(statistics: dict, whiten: bool | str, name: str, layer: nn.Module) -> torch.Tensor:
+    """The spectrum of the layer ``name`` from its input ``statistics`` (:func:`lowrank.data_aware.layer_spectrum`)."""
+    return layer_spectrum(layer, whiten, statistics[name])
 
 
 def _unique_tensors(state: dict) -> dict:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank.calibrate.data import Calibration, check_calibration, progress_bar, run_calibration
+from lowrank.calibrate.data import Calibration, CalibrationBatch, check_calibration, progress_bar, run_calibration
 from lowrank.calibrate.gradients import LossFn, backward_loss
 from lowrank.calibrate.hooks import BatchMask, RowAccumulator, check_layers, counted_rows, declared_features, eval_mode
 from lowrank.checks import check_int
@@ -64,18 +64,31 @@ class _OutputFisher:
         Probes per batch; the result is averaged over them.
     seed : int
         Seed of the probes' CPU generator, drawn from in call order.
+    batch_ids : sequence of int, optional
+        An id per batch: the generator is then seeded anew at each batch from
+        ``seed`` and its id, so that a batch's probes do not depend on the
+        batches run before it (nor on which process runs it).
 
     """
 
-    def __init__(self, layers: Mapping[str, nn.Module], n_probes: int, seed: int) -> None:
+    def __init__(self, layers: Mapping[str, nn.Module], n_probes: int, seed: int,
+                 batch_ids: Sequence[int] | None = None) -> None:
         self.batch_mask = BatchMask()
         self.n_probes = n_probes
+        self.seed = seed
+        self.batch_ids = None if batch_ids is None else iter(batch_ids)
         self.generator = torch.Generator().manual_seed(seed)
         self.accumulators = {
             name: RowAccumulator(name, declared_features(layer, "out"), abs_sum=False) for name, layer in layers.items()
         }
         self.received = dict.fromkeys(layers, 0)  # gradients that reached each layer's output
         self.without_grad = dict.fromkeys(layers, 0)  # forward calls made with autograd off
+
+    def start_batch(self, batch: CalibrationBatch) -> None:
+        """Take the token mask of ``batch``, about to run, and with batch ids, seed its probes."""
+        self.batch_mask.set(batch)
+        if self.batch_ids is not None:
+            self.generator.manual_seed(self.seed * 2**32 + next(self.batch_ids))
 
     def layer_hook(self, name: str, module: nn.Module, args: tuple, output: Any) -> torch.Tensor:
         """Forward hook of the layer ``name`` (bound by ``partial``): route its output's gradient to the accumulator.
@@ -162,6 +175,7 @@ def collect_output_fisher(
     loss_fn: LossFn | None = None,
     n_probes: int = 1,
     seed: int = 0,
+    batch_ids: Sequence[int] | None = None,
     skip_unreached: bool = False,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
@@ -211,6 +225,10 @@ def collect_output_fisher(
         Independent probes per batch (default loss only).
     seed : int
         Seed of the probes' generator.
+    batch_ids : sequence of int, optional
+        One id per batch (their indices in the whole calibration set, when it
+        is shared among processes): each batch's probes are then drawn from
+        a generator seeded with ``seed * 2**32 + id``, whatever ran before.
     skip_unreached : bool
         Leave out of the result, instead of raising, the layers whose output
         the loss does not depend on (such as a pooler under the default probe).
@@ -244,17 +262,19 @@ def collect_output_fisher(
     check_layers(layers)
     n_probes = check_probes(n_probes, loss_fn)
     check_calibration(calibration, needs_batches=None if loss_fn is None else "loss_fn")
-    fisher = _OutputFisher(layers, n_probes, seed)
+    if batch_ids is not None and (not isinstance(calibration, Sequence) or len(batch_ids) != len(calibration)):
+        raise ValueError("batch_ids needs one id per calibration batch")
+    fisher = _OutputFisher(layers, n_probes, seed, batch_ids)
     with ExitStack() as hooks:
         for name, layer in layers.items():
             hooks.enter_context(layer.register_forward_hook(partial(fisher.layer_hook, name)))
         with train_only([model, *layers.values()]), eval_mode(model):
             if loss_fn is None:
                 hooks.enter_context(model.register_forward_hook(fisher.probe_hook))
-                run_calibration(model, calibration, on_batch=fisher.batch_mask.set, grad=True, progress=progress)
+                run_calibration(model, calibration, on_batch=fisher.start_batch, grad=True, progress=progress)
             else:
                 with torch.enable_grad():
                     for batch in progress_bar(calibration, progress):
-                        fisher.batch_mask.set(batch)
+                        fisher.start_batch(batch)
                         backward_loss(loss_fn, model, batch)
     return fisher.result(skip_unreached)
