@@ -31,6 +31,7 @@ from lowrank.rank.policies import ACCEPTED_FORMS
 CALIBRATION_OPTIONS = {
     "allocation": "--allocation", "whiten": "--no-whiten/--asvd", "refit": "--no-refit",
     "sequential": "--no-sequential", "n_probes": "--probes", "batch_size": "--batch-size", "max_length": "--max-length",
+    "device": "--device",
 }
 
 
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"with --calibration: lines per batch (default {TEXT_BATCH_SIZE})")
     com.add_argument("--max-length", type=int, metavar="N",
                      help=f"with --calibration: longest tokenised line, in tokens (default {TEXT_MAX_LENGTH})")
+    com.add_argument("--device", metavar="DEVICE",
+                     help="with --calibration: where each block runs its turn (e.g. cuda; default: where the model is)")
     heal = lowrank.HealConfig()
     com.add_argument("--heal-steps", type=int, default=heal.steps, metavar="N",
                      help="with --calibration: N steps of distillation towards the dense model after compressing")

@@ -109,6 +109,12 @@ class CalibrationConfig:
         ``loss_fn(model, batch) -> scalar tensor``: a task loss for the
         ``"fisher"`` allocation (instead of the distance to the dense model's
         outputs) and for ``"sensitivity"`` (required there).
+    device : str, optional
+        Where each block runs its turn of block-by-block calibration (and
+        streaming's dense pass): the block, its dense copy and the cached
+        hidden states move there, and the compressed block moves back to the
+        model's device, so a model larger than an accelerator compresses on
+        it (``"cuda"``). None: the model's own device.
     batch_size : int
         Texts per batch (texts only; init-only).
     max_length : int, optional
@@ -131,6 +137,7 @@ class CalibrationConfig:
     refit: bool = True
     n_probes: int = 1
     loss_fn: Callable[[nn.Module, CalibrationBatch], torch.Tensor] | None = None
+    device: str | None = None
     batch_size: InitVar[int] = TEXT_BATCH_SIZE
     max_length: InitVar[int | None] = TEXT_MAX_LENGTH
 
@@ -145,6 +152,14 @@ class CalibrationConfig:
             raise ValueError(f"CalibrationConfig.loss_fn must be a callable (model, batch) -> loss, "
                              f"got {self.loss_fn!r}")
         object.__setattr__(self, "n_probes", check_probes(self.n_probes, self.loss_fn, "CalibrationConfig.n_probes"))
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, TypeError) as error:
+                raise ValueError(f"CalibrationConfig.device: {self.device!r} is not a device ({error})") from error
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"CalibrationConfig.device={self.device!r}, but torch finds no CUDA device here")
+            object.__setattr__(self, "device", str(device))
         if self.allocation == "sensitivity" and self.loss_fn is None:
             raise ValueError("allocation='sensitivity' needs loss_fn=: the distance to the dense model has no "
                              "first-order change at the dense model")
@@ -195,6 +210,7 @@ class CalibrationConfig:
             "sequential": self.sequential,
             "refit": self.refit,
             "n_probes": self.n_probes,
+            "device": self.device,
             "loss_fn": None if self.loss_fn is None else getattr(self.loss_fn, "__name__", "callable"),
         }
 
@@ -538,8 +554,9 @@ class SequentialRun:
         ``on_block_end(index)`` are called around each block's turn (streaming
         loads a block's weights, then writes and frees them).
         """
-        refits = self.config.refits
-        inputs = block_inputs(self.model, self.model.get_submodule(blocks.names[0]), calibration)
+        refits, device = self.config.refits, self.config.device
+        inputs = [batch.to(device) for batch in block_inputs(self.model, self.model.get_submodule(blocks.names[0]),
+                                                             calibration)]
         dense_inputs = inputs
         by_block: dict[int | None, list[list[str]]] = {}
         for group in groups:
@@ -550,23 +567,35 @@ class SequentialRun:
             if on_block_start is not None:
                 on_block_start(index)
             block = self.model.get_submodule(name)
+            home = device_of(block)
+            block.to(device or home)  # its turn on the calibration device; back home afterwards
             dense_block = copy.deepcopy(block) if refits else None
             for group in by_block.get(index, []):
                 self.group(group, block, dense_block, inputs, dense_inputs, early=True, prefix=name + ".")
             inputs, as_tuple = next_block_inputs(block, inputs)
             dense_inputs = next_block_inputs(dense_block, dense_inputs)[0] if refits else inputs
+            block.to(home)
+            for group in by_block.get(index, []):
+                for layer_name in group:
+                    self.layers[layer_name].to(home)  # the dense layers replaced, kept to undo a failure
             if on_block_end is not None:
                 on_block_end(index)
         after = by_block.get(None, [])
         if not after:
             return
-        reference = None
+        reference, home = None, device_of(self.model)
         if refits:
-            with replayed_blocks(self.model, blocks, [batch.args[0] for batch in dense_inputs], as_tuple):
+            with replayed_blocks(self.model, blocks, [batch.args[0].to(home) for batch in dense_inputs], as_tuple):
                 reference = copy.deepcopy(self.model)  # the layers outside the blocks, still dense
-        with replayed_blocks(self.model, blocks, [batch.args[0] for batch in inputs], as_tuple):
+        with replayed_blocks(self.model, blocks, [batch.args[0].to(home) for batch in inputs], as_tuple):
             for group in after:
                 self.group(group, self.model, reference, calibration, calibration, early=True)
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (the CPU for none, or for parameters on the meta device)."""
+    parameter = next(module.parameters(), None)
+    return torch.device("cpu") if parameter is None or parameter.device.type == "meta" else parameter.device
 
 
 def spread_spectra(layers: dict[str, nn.Module], spectrum: Callable[[str, nn.Module], torch.Tensor]
@@ -578,7 +607,7 @@ def spread_spectra(layers: dict[str, nn.Module], spectrum: Callable[[str, nn.Mod
     spectra = {}
     for index, (name, layer) in enumerate(layers.items()):
         if owner(index) == world()[0]:
-            spectra[name] = spectrum(name, layer)
+            spectra[name] = spectrum(name, layer).cpu()
         else:
             spectra[name] = torch.empty(min(linear_weight(layer).shape), dtype=torch.float64)
         broadcast_from([spectra[name]], owner(index))
@@ -602,8 +631,9 @@ def _shared_plan(plan: LinearPlan | None, name: str, layer: nn.Module, rank: int
     if plan is None:
         out_features, in_features = linear_weight(layer).shape
         bias = linear_bias(layer)
+        device = linear_weight(layer).device
         module = LowRankLinear.from_factors(
-            torch.zeros(rank, in_features), torch.zeros(out_features, rank),
+            torch.zeros(rank, in_features, device=device), torch.zeros(out_features, rank, device=device),
             None if bias is None else torch.zeros_like(bias), linear_type(layer), dtype=layer.weight.dtype)
         module.train(layer.training)
         plan = LinearPlan(name, rank, module, 0.0, None)

@@ -43,6 +43,7 @@ from lowrank.data_aware import (
     LinearPlan,
     SequentialRun,
     choose_ranks,
+    device_of,
     forward_calls,
     layer_groups,
     layer_spectrum,
@@ -272,7 +273,8 @@ def _dense_pass(
     pipeline's first group uses as they are. Layers after the last block run
     with the blocks replaced by their cached outputs.
     """
-    inputs = block_inputs(model, model.get_submodule(blocks.names[0]), calibration)
+    device = config.device
+    inputs = [batch.to(device) for batch in block_inputs(model, model.get_submodule(blocks.names[0]), calibration)]
     order: list[str] = []
     spectra: dict = {}
     first: dict = {}
@@ -281,6 +283,7 @@ def _dense_pass(
                                       disable=not progress)):
         materialize(model, name, reader)
         block = model.get_submodule(name)
+        block.to(device or device_of(block))
         inner = {full[len(name) + 1:]: layer for full, layer in layers.items() if blocks.index_of(full) == index}
         if inner:
             calls = forward_calls(block, inner, inputs)
@@ -299,7 +302,7 @@ def _dense_pass(
         release(block)
     after = {full: layer for full, layer in layers.items() if blocks.index_of(full) is None}
     if after:
-        with replayed_blocks(model, blocks, [batch.args[0] for batch in inputs], as_tuple):
+        with replayed_blocks(model, blocks, [batch.args[0].to(device_of(model)) for batch in inputs], as_tuple):
             calls = forward_calls(model, after, calibration)
             statistics = summed_statistics(collect_input_statistics(model, after, calibration))
         found = spread_spectra({full: after[full] for full in calls},

@@ -250,3 +250,43 @@ def test_blocks_given_different_inputs_are_calibrated_through_the_whole_model(mo
     x = torch.randn(16, 8)
     with torch.no_grad():
         torch.testing.assert_close(blockwise(x), whole(x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_device_is_checked_and_recorded(monkeypatch):
+    with pytest.raises(ValueError, match="CalibrationConfig.device: 'nowhere' is not a device"):
+        lowrank.CalibrationConfig(token_batches(), device="nowhere")
+    if torch.cuda.is_available():
+        assert lowrank.CalibrationConfig(token_batches(), device="cuda").device == "cuda"
+    else:
+        with pytest.raises(ValueError, match="device='cuda', but torch finds no CUDA device here"):
+            lowrank.CalibrationConfig(token_batches(), device="cuda")
+    torch.manual_seed(0)
+    dense = bert().eval()
+    on_cpu, default = copy.deepcopy(dense), copy.deepcopy(dense)
+    report = lowrank.compress(on_cpu, 0.6, calibration=token_batches(), device="cpu", progress=False)
+    expected = lowrank.compress(default, 0.6, calibration=token_batches(), progress=False)
+    assert report.settings["calibration"]["device"] == "cpu" and expected.settings["calibration"]["device"] is None
+    assert [(row.name, row.rank) for row in report.layers] == [(row.name, row.rank) for row in expected.layers]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", MODELS)
+def test_blocks_take_their_turn_on_the_gpu_and_come_back(kind, monkeypatch):
+    make = MODELS[kind][0]
+    torch.manual_seed(0)
+    dense = make().eval()
+    on_gpu, on_cpu = copy.deepcopy(dense), copy.deepcopy(dense)
+    devices = []
+    original = lowrank.data_aware._plan_layer
+
+    def watching(name, layer, *args, **kwargs):
+        devices.append(layer.weight.device.type)
+        return original(name, layer, *args, **kwargs)
+
+    monkeypatch.setattr("lowrank.data_aware._plan_layer", watching)
+    report = lowrank.compress(on_gpu, 0.6, calibration=token_batches(), device="cuda", progress=False)
+    expected = lowrank.compress(on_cpu, 0.6, calibration=token_batches(), progress=False)
+    assert "cuda" in devices and all(p.device.type == "cpu" for p in on_gpu.parameters())
+    assert [(row.name, row.rank) for row in report.layers] == [(row.name, row.rank) for row in expected.layers]
+    for batch in token_batches(seed=3):
+        torch.testing.assert_close(model_output(on_gpu, batch), model_output(on_cpu, batch), rtol=1e-4, atol=1e-5)
