@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowrank.checks import check_fraction
-from lowrank.data_aware import LOW_RANK, CalibrationConfig, compress_linears
+from lowrank.data_aware import LOW_RANK, CalibrationConfig, LinearPlan, compress_linears
 from lowrank.heal import HealConfig, reference_outputs
 from lowrank.heal import heal as heal_factors
 from lowrank.nn import FactorizedModule, Method, UnsupportedLayerError, resolve_methods
@@ -161,15 +161,7 @@ def compress(
         raise ValueError("a callable calibration runs the model itself: it does not support healing; "
                          "give texts or batches")
     selected = targets.select(model)
-    report = CompressionReport(settings={
-        "ratio": policy.fraction if budget else None,
-        "rank": None if rank is None else str(policy),
-        "energy": policy.energy if energy is not None else None,
-        "method": {kind: methods[kind].name for kind in targets.kinds},
-        "targets": targets.to_dict(),
-        "calibration": None if calibrated is None else calibrated.to_dict(),
-        "heal": heal.to_dict(),
-    })
+    report = CompressionReport(settings=_settings(policy, rank, energy, methods, targets, calibrated, heal))
     calibrated_layers: dict[str, nn.Module] = {}
     replacements = []
     for target in tqdm(selected, desc="lowrank.compress", unit="layer", disable=not progress):
@@ -202,6 +194,23 @@ def compress(
         raise RuntimeError(f"compression failed after the layers were factorized; the model is unchanged: {error}") \
             from error
     return report
+
+
+def _settings(
+    policy: RankPolicy, rank: int | RankPolicy | None, energy: float | None, methods: Mapping[str, Method],
+    targets: Targets, calibrated: CalibrationConfig | None, heal: HealConfig,
+) -> dict[str, Any]:
+    """A compression's settings as the report records them (JSON-able)."""
+    budget = rank is None and energy is None
+    return {
+        "ratio": policy.fraction if budget else None,
+        "rank": None if rank is None else str(policy),
+        "energy": policy.energy if energy is not None else None,
+        "method": {kind: methods[kind].name for kind in targets.kinds},
+        "targets": targets.to_dict(),
+        "calibration": None if calibrated is None else calibrated.to_dict(),
+        "heal": heal.to_dict(),
+    }
 
 
 def _policy(ratio: float | None, rank: int | RankPolicy | None, energy: float | None) -> RankPolicy:
@@ -317,13 +326,14 @@ def _compress_calibrated(
     except Exception as error:
         raise RuntimeError(f"data-aware compression of the linear layers failed; the model is unchanged: {error}") \
             from error
-    rows = []
-    for plan in plans:
-        layer = layers[plan.name]
-        row = LayerReport.dense(plan.name, layer, LOW_RANK.name, plan.skip_reason)
-        row.rank, row.output_error = plan.rank, plan.output_error
-        if plan.module is not None:
-            row.record(layer, plan.module)
-        rows.append(row)
-    return rows
+    return [_calibrated_row(plan, layers[plan.name]) for plan in plans]
+
+
+def _calibrated_row(plan: LinearPlan, layer: nn.Module) -> LayerReport:
+    """The report row of a layer compressed data-aware; ``layer`` is the dense one."""
+    row = LayerReport.dense(plan.name, layer, LOW_RANK.name, plan.skip_reason)
+    row.rank, row.output_error = plan.rank, plan.output_error
+    if plan.module is not None:
+        row.record(layer, plan.module)
+    return row
 

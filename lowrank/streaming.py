@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from lowrank import __version__
 from lowrank.calibrate import CalibrationBatch, collect_input_statistics
 from lowrank.calibrate.blocks import Blocks, block_inputs, find_blocks, next_block_inputs, replayed_blocks
-from lowrank.compress import _configs, _factorize_layer, _policy
+from lowrank.compress import _calibrated_row, _configs, _factorize_layer, _policy, _settings
 from lowrank.data_aware import (
     LOW_RANK,
     CalibrationConfig,
@@ -138,13 +138,7 @@ def compress_checkpoint(
         raise ValueError(f"streaming compresses one block at a time, but {source} has no repeated blocks holding "
                          "the targeted layers (an nn.ModuleList of modules of one class); use lowrank.compress")
     report = CompressionReport(settings={
-        "ratio": policy.fraction if budget else None,
-        "rank": None if rank is None else str(policy),
-        "energy": policy.energy if energy is not None else None,
-        "method": {kind: methods[kind].name for kind in targets.kinds},
-        "targets": targets.to_dict(),
-        "calibration": None if calibrated is None else calibrated.to_dict(),
-        "heal": heal.to_dict(),
+        **_settings(policy, rank, energy, methods, targets, calibrated, heal),
         "streamed": {"blocks": blocks.path, "count": len(blocks.names)},
     })
     materialize(model, "", reader, exclude=blocks.names)
@@ -220,15 +214,6 @@ def _streamed_config(config: CalibrationConfig | None, budget: bool) -> Calibrat
         raise ValueError(f"allocation={allocation!r} backpropagates through the whole model, which streaming never "
                          f"holds: use one of {', '.join(map(repr, STREAMED_ALLOCATIONS))} (the default is 'energy')")
     return dataclasses.replace(config, allocation=config.allocation_for(budget) if config.allocation else allocation)
-
-
-def _calibrated_row(plan: LinearPlan, layer: nn.Module) -> LayerReport:
-    """The report row of a layer compressed data-aware (``layer``, the dense one, still loaded if replaced)."""
-    row = LayerReport.dense(plan.name, layer, LOW_RANK.name, plan.skip_reason)
-    row.rank, row.output_error = plan.rank, plan.output_error
-    if plan.module is not None:
-        row.record(layer, plan.module)
-    return row
 
 
 def _factorize_plainly(model: nn.Module, targets: list[Target], methods: dict, policy: RankPolicy,
