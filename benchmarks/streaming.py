@@ -6,9 +6,10 @@ weights, saved by Hugging Face in shards of at most 100 MB, with a word-level to
 common words of the pydoc calibration text (the benchmark needs no download). Each run is
 ``lowrank compress SRC -o OUT --ratio 0.5 --calibration calib.txt --quiet`` (the defaults; a sharded
 SRC streams, ``--no-stream`` forces the in-memory path) in a fresh interpreter, which records its
-resident memory after importing everything (``resource.getrusage``, the baseline) and its peak at
-the end: the peak above the baseline is the cost of the job, quoted as a fraction of the checkpoint's
-size on disk.
+resident memory after importing everything (the baseline) and the kernel's high-water mark of it at
+the end (``VmHWM``, reset after the imports; ``resource.getrusage``'s ``ru_maxrss`` survives fork and
+exec, so it would carry this benchmark's own peak): the peak above the baseline is the cost of the
+job, quoted as a fraction of the checkpoint's size on disk.
 
     python benchmarks/streaming.py            # print the table
     python benchmarks/streaming.py --record   # and append it to benchmarks/RESULTS.md
@@ -30,14 +31,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from minilm_task import calibration_texts  # noqa: E402
 
 # Run in a fresh interpreter: argv[1:] are the lowrank command's arguments; prints the baseline and peak (KiB).
+# The peak is the kernel's high-water mark of this process's resident memory (VmHWM), reset after the imports
+# (writing 5 to /proc/self/clear_refs). getrusage's ru_maxrss cannot be used: it survives fork and exec, so a
+# child started by this benchmark would report the benchmark's own peak (it built the checkpoint).
 RUNNER = """
-import json, resource, sys, time
+import json, sys, time
 import torch, transformers, lowrank, lowrank.cli
-baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def status_kib(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+
+with open("/proc/self/clear_refs", "w") as handle:
+    handle.write("5")
+baseline = status_kib("VmRSS")
 start = time.perf_counter()
 status = lowrank.cli.main(sys.argv[1:])
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status_kib("VmHWM")
 print(json.dumps({"status": status, "baseline_kib": baseline, "peak_kib": peak, "seconds": seconds}))
 """
 VOCABULARY = 8000
@@ -119,9 +131,10 @@ def main() -> None:
                 f"4 key-value heads, vocabulary {VOCABULARY:,}, untied head, seeded random float32 weights, shards of "
                 f"at most 100 MB, a word-level tokenizer over pydoc words). Each run: `lowrank compress SRC -o OUT "
                 f"--ratio 0.5 --calibration calib.txt --quiet` on {args.texts} pydoc calibration paragraphs, in a "
-                f"fresh interpreter: peak resident memory (`resource.getrusage`) minus the same after importing "
-                f"torch, transformers and lowrank. Streamed: the CLI's default on a sharded SRC (energy allocation, "
-                f"sequential, refit); in memory: `--no-stream` (fisher allocation).")
+                f"fresh interpreter: the kernel's high-water mark of resident memory (VmHWM, reset after importing "
+                f"torch, transformers and lowrank) minus the resident memory then (getrusage's ru_maxrss survives "
+                f"fork and exec and would report this benchmark's own peak). Streamed: the CLI's default on a "
+                f"sharded SRC (energy allocation, sequential, refit); in memory: `--no-stream` (fisher allocation).")
         record("streaming: peak memory of compressing a sharded checkpoint", table, note)
 
 

@@ -520,7 +520,7 @@ class SequentialRun:
         missing = any(name not in self.stats for name in todo)  # streamed: only the first block's are kept
         if todo and (self.config.sequential and self.config.whiten and self.replaced or missing):
             local = {name: name[len(prefix):] for name in todo}
-            if reference is not None:
+            if reference is not None and self.replaced:  # before the first replacement, the dense statistics
                 paired = collect_paired_statistics(network, reference, list(local.values()), calibration,
                                                    reference_calibration=reference_calibration, stop_early=early)
                 all_reduce_sum([moment for pair in paired.values() for moment in pair])

@@ -12,6 +12,8 @@ writes shards with an index (:class:`ShardWriter`).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -203,6 +205,21 @@ def release(module: nn.Module) -> None:
         for attribute, param in owner._parameters.items():
             if param is not None and param.device.type != "meta":
                 owner._parameters[attribute] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+
+def return_free_memory() -> None:
+    """Hand the C heap's free memory back to the system (glibc's ``malloc_trim``; nothing elsewhere).
+
+    A block freed by :func:`release` leaves holes in the heap that glibc keeps;
+    without this, the resident memory of a streamed run grows block after block
+    although the live tensors do not (measured: about 35 MiB per block).
+    """
+    library = ctypes.util.find_library("c")
+    if library is None:
+        return
+    trim = getattr(ctypes.CDLL(library), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 class ShardWriter:

@@ -56,7 +56,7 @@ from lowrank.nn import resolve_methods
 from lowrank.nn.surgery import swap_modules
 from lowrank.rank import RankPolicy
 from lowrank.report import CompressionReport, LayerReport
-from lowrank.sharded import CheckpointReader, ShardWriter, empty_model, materialize, release
+from lowrank.sharded import CheckpointReader, ShardWriter, empty_model, materialize, release, return_free_memory
 from lowrank.targets import Target, Targets
 
 STREAMED_ALLOCATIONS = ("uniform", "energy")
@@ -174,6 +174,7 @@ def compress_checkpoint(
                 writer.write({f"{name}.{key}": value for key, value in block.state_dict().items()})
             for module in (block, *(target.module for target in inside)):
                 release(module)
+            return_free_memory()
 
         if calibrated is None:
             for index in tqdm(range(len(blocks.names)), desc="lowrank.compress (streamed)", unit="block",
@@ -234,13 +235,11 @@ def _compress_calibrated(
 ) -> list[LinearPlan]:
     """Data-aware compression of ``layers`` with the blocks streamed: a dense pass for the ranks, then the pipeline."""
     calibration, _ = local_share(config.data)  # under torch.distributed, this process's share of the batches
-    order, spectra, first_inputs = _dense_pass(model, blocks, reader, layers, calibration, config, progress)
+    order, spectra = _dense_pass(model, blocks, reader, layers, calibration, config, progress)
     layers = {name: layers[name] for name in order}
     ranks = choose_ranks(layers, spectra, ratio=policy.fraction if budget else None,
                          policy=None if budget else policy, allocation=config.allocation)
-    stats = {name: inputs.gram for name, inputs in first_inputs.items()}
-    abs_means = {name: inputs.abs_mean for name, inputs in first_inputs.items()}
-    run = SequentialRun(model, layers, ranks, config, stats, abs_means)
+    run = SequentialRun(model, layers, ranks, config, {}, {})  # each group gathers its statistics in its turn
     run.blockwise(blocks, layer_groups(order), calibration, progress, on_block_start=start_block,
                   on_block_end=lambda index: finish_block(index, run.plans))
     reason = ("no rank below break-even is worth its parameters within the budget" if budget
@@ -251,18 +250,15 @@ def _compress_calibrated(
 def _dense_pass(
     model: nn.Module, blocks: Blocks, reader: CheckpointReader, layers: dict[str, nn.Module],
     calibration: Sequence[CalibrationBatch], config: CalibrationConfig, progress: bool,
-) -> tuple[list[str], dict, dict]:
+) -> tuple[list[str], dict]:
     """Each block loaded in turn, run on the dense hidden states: the layers' forward order and spectra.
 
-    Also returns the input statistics of the first block's layers, which the
-    pipeline's first group uses as they are. Layers after the last block run
-    with the blocks replaced by their cached outputs.
+    Layers after the last block run with the blocks replaced by their cached outputs.
     """
     device = config.device
     inputs = [batch.to(device) for batch in block_inputs(model, model.get_submodule(blocks.names[0]), calibration)]
     order: list[str] = []
     spectra: dict = {}
-    first: dict = {}
     as_tuple = False
     for index, name in enumerate(tqdm(blocks.names, desc="lowrank.compress (streamed, dense pass)", unit="block",
                                       disable=not progress)):
@@ -281,10 +277,9 @@ def _dense_pass(
                                    partial(_spectrum_from, statistics, config.whiten))
             order += [f"{name}.{key}" for key in found]
             spectra.update({f"{name}.{key}": value for key, value in found.items()})
-            if index == 0:
-                first.update({f"{name}.{key}": statistics[key] for key in calls})
         inputs, as_tuple = next_block_inputs(block, inputs)
         release(block)
+        return_free_memory()
     after = {full: layer for full, layer in layers.items() if blocks.index_of(full) is None}
     if after:
         with replayed_blocks(model, blocks, [batch.args[0].to(device_of(model)) for batch in inputs], as_tuple):
@@ -294,12 +289,12 @@ def _dense_pass(
                                partial(_spectrum_from, statistics, config.whiten))
         order += found
         spectra.update(found)
-    return order, spectra, first
+    return order, spectra
 
 
 def _spectrum_from(statistics: dict, whiten: bool | str, name: str, layer: nn.Module) -> torch.Tensor:
-    """The spectrum of the layer ``name`` from its input ``statistics`` (:func:`lowrank.data_aware.layer_spectrum`)."""
-    return layer_spectrum(layer, whiten, statistics[name])
+    """The spectrum of the layer ``name`` from its input ``statistics``, which are dropped (no longer needed)."""
+    return layer_spectrum(layer, whiten, statistics.pop(name))
 
 
 def _unique_tensors(state: dict) -> dict:
