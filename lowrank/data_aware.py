@@ -421,8 +421,10 @@ def compress_linears(
     order = list(calls)
     layers = {name: layers[name] for name in order}
     # under torch.distributed each process runs its share of the batches; the sums are added over processes
-    calibration, batch_ids = (local_share(config.data) if isinstance(config.data, Sequence)
-                              else (config.data, None))
+    if config.runs_itself and world()[1] > 1:
+        raise ValueError("a callable calibration runs the model itself, so each of the processes of torch.distributed "
+                         "would see all of it: give texts or batches, which the processes share")
+    calibration, batch_ids = local_share(config.data) if not config.runs_itself else (config.data, None)
     inputs = summed_statistics(collect_input_statistics(model, layers, calibration, progress=progress))
     stats = {name: s.gram for name, s in inputs.items()}
     abs_means = {name: s.abs_mean for name, s in inputs.items()}

@@ -66,3 +66,9 @@ def test_a_streamed_run_written_by_rank_zero_equals_one_process(runs):
     batch = token_batches(seed=9, count=1)[0]
     torch.testing.assert_close(model_output(lowrank.load(root / "two" / "stream"), batch),
                                model_output(lowrank.load(root / "one" / "stream"), batch), rtol=1e-5, atol=1e-6)
+
+
+def test_a_callable_calibration_is_refused_under_several_processes_only(runs):
+    assert runs["single"]["callable"] == "accepted"
+    for ranks in runs["ranks"]:
+        assert "a callable calibration runs the model itself, so each of the processes" in ranks["callable"]
