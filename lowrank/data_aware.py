@@ -576,6 +576,7 @@ class SequentialRun:
                 self.group(group, block, dense_block, inputs, dense_inputs, early=True, prefix=name + ".")
             inputs, as_tuple = next_block_inputs(block, inputs)
             dense_inputs = next_block_inputs(dense_block, dense_inputs)[0] if refits else inputs
+            del dense_block  # freed before the next block is loaded
             block.to(home)
             for group in by_block.get(index, []):
                 for layer_name in group:

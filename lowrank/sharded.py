@@ -163,7 +163,8 @@ def materialize(model: nn.Module, module_name: str, reader: CheckpointReader, *,
     Parameters already real are left alone, and so are those under the
     submodules named in ``exclude``. A parameter tied to others (a tied output
     head) is read under whichever of its names the checkpoint has, and every
-    slot gets the same tensor.
+    slot gets the same tensor. Tensors keep the checkpoint's dtype (a bfloat16
+    checkpoint stays bfloat16).
 
     Raises
     ------
@@ -194,17 +195,24 @@ def materialize(model: nn.Module, module_name: str, reader: CheckpointReader, *,
         if tuple(tensor.shape) != tuple(old.shape):
             raise ValueError(f"tensor {name!r} in {reader.directory} has shape {tuple(tensor.shape)}, the model "
                              f"expects {tuple(old.shape)}")
-        new = nn.Parameter(tensor.to(old.dtype), requires_grad=old.requires_grad)
+        new = nn.Parameter(tensor, requires_grad=old.requires_grad)  # in the checkpoint's dtype, as stored
         for owner, attribute, _ in slots[key]:
             owner._parameters[attribute] = new
 
 
 def release(module: nn.Module) -> None:
-    """Move every parameter of ``module`` back to the meta device, freeing its memory (tied copies elsewhere stay)."""
+    """Move every parameter of ``module`` back to the meta device, freeing its memory.
+
+    Parameters tied within ``module`` stay tied (one meta parameter for all
+    their slots); slots outside ``module`` keep their tensors.
+    """
+    on_meta: dict[int, nn.Parameter] = {}
     for owner in module.modules():
         for attribute, param in owner._parameters.items():
             if param is not None and param.device.type != "meta":
-                owner._parameters[attribute] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+                if id(param) not in on_meta:
+                    on_meta[id(param)] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+                owner._parameters[attribute] = on_meta[id(param)]
 
 
 def return_free_memory() -> None:

@@ -35,7 +35,14 @@ from tqdm.auto import tqdm
 
 from lowrank import __version__
 from lowrank.calibrate import CalibrationBatch, collect_input_statistics
-from lowrank.calibrate.blocks import Blocks, block_inputs, find_blocks, next_block_inputs, replayed_blocks
+from lowrank.calibrate.blocks import (
+    Blocks,
+    block_inputs,
+    find_blocks,
+    next_block_inputs,
+    replayed_blocks,
+    skipped_blocks_share_inputs,
+)
 from lowrank.compress import _calibrated_row, _configs, _factorize_layer, _policy, _settings
 from lowrank.data_aware import (
     LOW_RANK,
@@ -142,6 +149,8 @@ def compress_checkpoint(
         "streamed": {"blocks": blocks.path, "count": len(blocks.names)},
     })
     materialize(model, "", reader, exclude=blocks.names)
+    _check_streamable(model, blocks, selected, calibrated)
+    barrier()  # every rank has checked that the output does not exist before rank 0 can write it
     rows: dict[str, LayerReport] = {}
     calibrated_layers: dict[str, nn.Module] = {}
     plain: list[Target] = []
@@ -171,7 +180,7 @@ def compress_checkpoint(
             name = blocks.names[index]
             block = model.get_submodule(name)
             if writer is not None:
-                writer.write({f"{name}.{key}": value for key, value in block.state_dict().items()})
+                writer.write(_unique_tensors({f"{name}.{key}": value for key, value in block.state_dict().items()}))
             for module in (block, *(target.module for target in inside)):
                 release(module)
             return_free_memory()
@@ -201,6 +210,32 @@ def compress_checkpoint(
             copy_tokenizer_files(Path(source), staging)
     barrier()
     return report
+
+
+def _check_streamable(model: nn.Module, blocks: Blocks, selected: list[Target],
+                      calibrated: CalibrationConfig | None) -> None:
+    """Refuse what one block at a time would compress wrongly: a target before the blocks, blocks fed differently.
+
+    Blocks must receive the same inputs but the hidden states (not so with
+    sliding-window and global attention layers in turn): checked on the first
+    calibration batch with the blocks skipped, so nothing is loaded.
+    """
+    first_block = blocks.names[0]
+    for target in selected:
+        if blocks.index_of(target.name) is None and not target.head and _runs_before(model, target.name, first_block):
+            raise ValueError(f"layer {target.name!r} runs before the first block {first_block!r}: streaming "
+                             "compresses the blocks first, on the outputs of the dense layers before them; exclude it "
+                             "or use lowrank.compress")
+    if calibrated is not None and not skipped_blocks_share_inputs(model, blocks, calibrated.data[0]):
+        raise ValueError(f"the blocks of {blocks.path!r} receive different inputs besides the hidden states "
+                         "(attention masks or position inputs that change from block to block), which streaming "
+                         "cannot replay from the first block's; use lowrank.compress")
+
+
+def _runs_before(model: nn.Module, name: str, block: str) -> bool:
+    """Whether the module ``name`` comes before ``block`` in the model's module order (as a rule, forward order)."""
+    names = [module_name for module_name, _ in model.named_modules()]
+    return names.index(name) < names.index(block)
 
 
 def _streamed_config(config: CalibrationConfig | None, budget: bool) -> CalibrationConfig | None:
@@ -282,8 +317,10 @@ def _dense_pass(
         return_free_memory()
     after = {full: layer for full, layer in layers.items() if blocks.index_of(full) is None}
     if after:
-        with replayed_blocks(model, blocks, [batch.args[0].to(device_of(model)) for batch in inputs], as_tuple):
+        outputs = [batch.args[0].to(device_of(model)) for batch in inputs]
+        with replayed_blocks(model, blocks, outputs, as_tuple):  # each context replays from the first batch
             calls = forward_calls(model, after, calibration)
+        with replayed_blocks(model, blocks, outputs, as_tuple):
             statistics = summed_statistics(collect_input_statistics(model, after, calibration))
         found = spread_spectra({full: after[full] for full in calls},
                                partial(_spectrum_from, statistics, config.whiten))
@@ -303,7 +340,7 @@ def _unique_tensors(state: dict) -> dict:
     unique = {}
     for key, value in state.items():
         identity = (value.untyped_storage().data_ptr(), value.storage_offset())
-        if identity not in seen:
+        if value.numel() == 0 or identity not in seen:  # empty tensors all have data pointer 0
             seen.add(identity)
             unique[key] = value
     return unique

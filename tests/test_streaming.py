@@ -175,3 +175,65 @@ def _word_tokenizer(directory: Path):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
     tokenizer.save_pretrained(directory)
     return tokenizer
+
+
+def test_blocks_fed_different_masks_are_refused(tmp_path):
+    """Gemma 2 alternates sliding-window and global attention: its blocks get different masks."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=8, intermediate_size=64, sliding_window=4)
+    transformers.Gemma2ForCausalLM(config).eval().save_pretrained(tmp_path / "src")
+    with pytest.raises(ValueError, match="receive different inputs besides the hidden states"):
+        lowrank.compress_checkpoint(tmp_path / "src", tmp_path / "out", 0.6, calibration=token_batches(),
+                                    progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_per_token_layer_after_the_blocks_sees_its_own_batches(tmp_path, monkeypatch):
+    """BertForMaskedLM's transform.dense runs per token after the blocks, on batches of different lengths."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                     intermediate_size=64)
+    dense = transformers.BertForMaskedLM(config).eval()
+    dense.save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    gen = torch.Generator().manual_seed(2)
+    batches = [{"input_ids": torch.randint(0, 96, (3, length), generator=gen),
+                "attention_mask": torch.ones(3, length, dtype=torch.long)} for length in (10, 6, 8)]
+    for batch in batches:
+        batch["attention_mask"][0, -3:] = 0  # padding, which the statistics must leave out
+    counted = []
+    collect = lowrank.streaming.collect_input_statistics
+
+    def counting(model, layers, calibration, **options):
+        found = collect(model, layers, calibration, **options)
+        counted.extend(s.count for name, s in found.items() if name == "cls.predictions.transform.dense")
+        return found
+
+    monkeypatch.setattr(lowrank.streaming, "collect_input_statistics", counting)
+    in_memory = copy.deepcopy(dense)
+    # ranks from each layer's whitened spectrum, so a spectrum taken on the wrong batches changes a rank
+    expected = lowrank.compress(in_memory, energy=0.8, calibration=batches, progress=False)
+    report = lowrank.compress_checkpoint(tmp_path / "src", tmp_path / "out", energy=0.8, calibration=batches,
+                                         progress=False)
+    assert rows_by_name(report) == rows_by_name(expected)
+    assert rows_by_name(report)["cls.predictions.transform.dense"][0] is not None  # compressed, after the blocks
+    real_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    assert counted == [real_tokens]  # each batch's cached outputs under its own mask, padding left out
+
+
+def test_release_keeps_parameters_tied_and_checkpoints_keep_their_dtype(tmp_path):
+    block = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    block[1].weight = block[0].weight
+    lowrank.sharded.release(block)
+    assert block[0].weight.device.type == "meta" and block[1].weight is block[0].weight
+    torch.manual_seed(0)
+    model = MODELS["llama"][0]().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    lowrank.compress_checkpoint(tmp_path / "src", tmp_path / "out", 0.6, progress=False)
+    reader = CheckpointReader(tmp_path / "out")
+    tensors = reader.read(["model.layers.1.mlp.down_proj.first", "model.embed_tokens.weight"])
+    assert {tensor.dtype for tensor in tensors.values()} == {torch.bfloat16}

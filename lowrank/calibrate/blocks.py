@@ -125,6 +125,37 @@ def blocks_share_inputs(model: nn.Module, blocks: Blocks, batch: CalibrationBatc
     return len(seen) == len(blocks.names) and all(_same_input(inputs, seen[0]) for inputs in seen[1:])
 
 
+def skipped_blocks_share_inputs(model: nn.Module, blocks: Blocks, batch: CalibrationBatch) -> bool:
+    """:func:`blocks_share_inputs` without running a block (their weights may be on the meta device).
+
+    The blocks are replaced by stand-ins that pass the hidden states on, so
+    only the layers outside them run. A model whose forward cannot run that way
+    (it needs what a block computes) counts as not sharing.
+    """
+    seen: list[tuple[tuple, dict]] = []
+    module_list = model.get_submodule(blocks.path)
+    originals = list(module_list)
+    for as_tuple in (False, True):
+        seen.clear()
+        for index in range(len(originals)):
+            module_list[index] = _StandIn(None, as_tuple)
+        handles = [stand_in.register_forward_pre_hook(lambda _m, args, kwargs: seen.append((args[1:], kwargs)),
+                                                      with_kwargs=True) for stand_in in module_list]
+        try:
+            with eval_mode(model), torch.no_grad():
+                batch.run(model)
+            break
+        except Exception:  # the model needs the blocks' real outputs (or tuples): try tuples, then give up
+            if as_tuple:
+                return False
+        finally:
+            for handle in handles:
+                handle.remove()
+            for index, original in enumerate(originals):
+                module_list[index] = original
+    return len(seen) == len(originals) and all(_same_input(inputs, seen[0]) for inputs in seen[1:])
+
+
 class _BlockReachedError(Exception):
     """Raised by a hook to stop the model's forward pass when the first block is about to run."""
 
