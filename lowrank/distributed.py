@@ -67,6 +67,15 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor]) -> None:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
+def object_from(value: T, source: int = 0) -> T:
+    """Rank ``source``'s ``value`` on every rank (a small picklable object, such as an order of names)."""
+    if world()[1] == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=source)
+    return holder[0]
+
+
 def barrier() -> None:
     """Wait for every rank (nothing without a group)."""
     if world()[1] > 1:

@@ -57,7 +57,7 @@ from lowrank.data_aware import (
     spread_spectra,
     summed_statistics,
 )
-from lowrank.distributed import barrier, local_share, world
+from lowrank.distributed import barrier, local_share, object_from, world
 from lowrank.io import PLAN_NAME, copy_tokenizer_files, plan_of, staged_directory
 from lowrank.nn import resolve_methods
 from lowrank.nn.surgery import swap_modules
@@ -302,7 +302,7 @@ def _dense_pass(
         block.to(device or device_of(block))
         inner = {full[len(name) + 1:]: layer for full, layer in layers.items() if blocks.index_of(full) == index}
         if inner:
-            calls = forward_calls(block, inner, inputs)
+            calls = object_from(forward_calls(block, inner, inputs))  # rank 0's order: the same on every rank
             if any(count != 1 for count in calls.values()):
                 raise ValueError(f"block {name!r}: a layer runs {max(calls.values())} times per forward (or never); "
                                  "streaming needs each layer to run once")
@@ -319,7 +319,7 @@ def _dense_pass(
     if after:
         outputs = [batch.args[0].to(device_of(model)) for batch in inputs]
         with replayed_blocks(model, blocks, outputs, as_tuple):  # each context replays from the first batch
-            calls = forward_calls(model, after, calibration)
+            calls = object_from(forward_calls(model, after, calibration))
         with replayed_blocks(model, blocks, outputs, as_tuple):
             statistics = summed_statistics(collect_input_statistics(model, after, calibration))
         found = spread_spectra({full: after[full] for full in calls},
