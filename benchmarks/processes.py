@@ -13,7 +13,6 @@ embeddings of held-out retrieval documents.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -83,7 +82,7 @@ def main() -> None:
                 f"{args.ratio} --calibration calib.txt --quiet` (defaults: fisher allocation, block by block, refit; "
                 f"256 pydoc paragraphs in 16 batches), gloo, the {os.cpu_count()} cores divided among the processes, "
                 f"medians of {args.repeats} alternating runs, each including the interpreter's start and the save. "
-                f"Outputs compared on 128 held-out retrieval documents. {json.dumps({'cores': os.cpu_count()})}")
+                f"Outputs compared on 128 held-out retrieval documents.")
         record("processes: calibrated MiniLM compression with 1 and 2 processes", table, note)
 
 

@@ -38,10 +38,10 @@ from lowrank.calibrate import CalibrationBatch, collect_input_statistics
 from lowrank.calibrate.blocks import (
     Blocks,
     block_inputs,
+    blocks_share_inputs,
     find_blocks,
     next_block_inputs,
     replayed_blocks,
-    skipped_blocks_share_inputs,
 )
 from lowrank.compress import _calibrated_row, _configs, _factorize_layer, _policy, _settings
 from lowrank.data_aware import (
@@ -221,21 +221,16 @@ def _check_streamable(model: nn.Module, blocks: Blocks, selected: list[Target],
     calibration batch with the blocks skipped, so nothing is loaded.
     """
     first_block = blocks.names[0]
+    order = {name: index for index, (name, _) in enumerate(model.named_modules())}  # as a rule, forward order
     for target in selected:
-        if blocks.index_of(target.name) is None and not target.head and _runs_before(model, target.name, first_block):
+        if blocks.index_of(target.name) is None and not target.head and order[target.name] < order[first_block]:
             raise ValueError(f"layer {target.name!r} runs before the first block {first_block!r}: streaming "
                              "compresses the blocks first, on the outputs of the dense layers before them; exclude it "
                              "or use lowrank.compress")
-    if calibrated is not None and not skipped_blocks_share_inputs(model, blocks, calibrated.data[0]):
+    if calibrated is not None and not blocks_share_inputs(model, blocks, calibrated.data[0]):
         raise ValueError(f"the blocks of {blocks.path!r} receive different inputs besides the hidden states "
                          "(attention masks or position inputs that change from block to block), which streaming "
                          "cannot replay from the first block's; use lowrank.compress")
-
-
-def _runs_before(model: nn.Module, name: str, block: str) -> bool:
-    """Whether the module ``name`` comes before ``block`` in the model's module order (as a rule, forward order)."""
-    names = [module_name for module_name, _ in model.named_modules()]
-    return names.index(name) < names.index(block)
 
 
 def _streamed_config(config: CalibrationConfig | None, budget: bool) -> CalibrationConfig | None:

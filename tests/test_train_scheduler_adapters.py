@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,18 @@ def finalized(groups: int, embedding: bool = True, config: LoRA | FLoRA | None =
     return model.eval()
 
 
+def assert_reloads_the_same(model: nn.Module, directory: Path, base: Callable[[], nn.Module],
+                            ranks: dict[str, int]) -> None:
+    """The adapter saved in ``directory``, loaded into a fresh ``base()``, has ``ranks`` and ``model``'s outputs."""
+    torch.manual_seed(0)
+    fresh = base()
+    adapters.load(fresh, directory)
+    fresh.eval()
+    assert {name: layer.rank for name, layer in adapters.adapter_layers(fresh).items()} == ranks
+    tokens = torch.randint(0, 40, (4, 16))
+    torch.testing.assert_close(fresh(tokens), model(tokens))
+
+
 def test_chosen_ranks_save_and_load_in_lowrank_format(tmp_path: Path) -> None:
     model = finalized(2)
     ranks = {name: layer.rank for name, layer in adapters.adapter_layers(model).items()}
@@ -105,13 +118,7 @@ def test_chosen_ranks_save_and_load_in_lowrank_format(tmp_path: Path) -> None:
     out = adapters.save(model, tmp_path / "adapter")
     plan = json.loads((out / "lowrank_adapters.json").read_text())
     assert {name: entry["ranks"] for name, entry in plan["adapters"].items()} == {n: [r] for n, r in ranks.items()}
-    torch.manual_seed(0)
-    fresh = Net(2)
-    adapters.load(fresh, out)
-    fresh.eval()
-    assert {name: layer.rank for name, layer in adapters.adapter_layers(fresh).items()} == ranks
-    tokens = torch.randint(0, 40, (4, 16))
-    torch.testing.assert_close(fresh(tokens), model(tokens))
+    assert_reloads_the_same(model, out, lambda: Net(2), ranks)
 
 
 def test_chosen_ranks_save_and_load_in_peft_format_with_a_rank_pattern(tmp_path: Path) -> None:
@@ -122,13 +129,7 @@ def test_chosen_ranks_save_and_load_in_peft_format_with_a_rank_pattern(tmp_path:
     assert config["rank_pattern"]  # the ranks differ
     for name, rank in ranks.items():
         assert config["rank_pattern"].get(name, config["r"]) == rank
-    torch.manual_seed(0)
-    fresh = Net(1)
-    adapters.load(fresh, out)
-    fresh.eval()
-    assert {name: layer.rank for name, layer in adapters.adapter_layers(fresh).items()} == ranks
-    tokens = torch.randint(0, 40, (4, 16))
-    torch.testing.assert_close(fresh(tokens), model(tokens))
+    assert_reloads_the_same(model, out, lambda: Net(1), ranks)
 
 
 def test_flora_adapters_shrink_per_mode_and_reload(tmp_path: Path) -> None:

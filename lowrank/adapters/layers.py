@@ -39,7 +39,7 @@ from lowrank.checks import check_bool, check_ranks
 from lowrank.decompose import svd
 from lowrank.nn.base import FactorizedModule, UnsupportedLayerError
 from lowrank.nn.components import RankAxis
-from lowrank.nn.conv.base import CONV_FUNCTIONS, CONV_TYPES, FactorizedConv
+from lowrank.nn.conv.base import CONV_FUNCTIONS, CONV_TYPES, FactorizedConv, padding_amounts
 from lowrank.nn.dense import is_hf_conv1d, layer_kind
 from lowrank.nn.linear import LowRankLinear
 
@@ -102,20 +102,6 @@ def adapter_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
-def _reversed_padding(module: nn.Module) -> list[int]:
-    """The ``F.pad`` amounts ``nn.ConvNd`` uses for a non-zero ``padding_mode`` (for ``"same"``, extra at the end)."""
-    amounts: list[int] = []
-    for i in reversed(range(len(module.kernel_size))):
-        if module.padding == "valid":
-            amounts += [0, 0]
-        elif module.padding == "same":
-            total = module.dilation[i] * (module.kernel_size[i] - 1)
-            amounts += [total // 2, total - total // 2]
-        else:
-            amounts += [module.padding[i], module.padding[i]]
-    return amounts
-
-
 def conv_apply(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                ) -> torch.Tensor:
     """``x`` convolved by ``weight`` with the hyper-parameters of ``module`` (a dense or factorized convolution).
@@ -126,7 +112,7 @@ def conv_apply(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: t
     n = len(module.kernel_size)
     padding = module.padding
     if module.padding_mode != "zeros":
-        x = F.pad(x, _reversed_padding(module), mode=module.padding_mode)
+        x = F.pad(x, padding_amounts(module), mode=module.padding_mode)
         padding = (0,) * n
     return CONV_FUNCTIONS[n](x, weight, bias, module.stride, padding, module.dilation, module.groups)
 

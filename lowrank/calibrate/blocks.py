@@ -111,49 +111,27 @@ def blocks_share_inputs(model: nn.Module, blocks: Blocks, batch: CalibrationBatc
 
     Not so for models whose blocks take different masks (sliding-window and
     global attention layers in turn, as in Gemma 2): those are calibrated by
-    running the whole model.
+    running the whole model. The blocks do not run (their weights may be on
+    the meta device): stand-ins pass the hidden states on, alone or in a
+    tuple; a model whose forward cannot run that way counts as not sharing.
     """
     seen: list[tuple[tuple, dict]] = []
-    handles = [model.get_submodule(name).register_forward_pre_hook(
-        lambda _m, args, kwargs: seen.append((args[1:], kwargs)), with_kwargs=True) for name in blocks.names]
-    try:
-        with eval_mode(model), torch.no_grad():
-            batch.run(model)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return len(seen) == len(blocks.names) and all(_same_input(inputs, seen[0]) for inputs in seen[1:])
-
-
-def skipped_blocks_share_inputs(model: nn.Module, blocks: Blocks, batch: CalibrationBatch) -> bool:
-    """:func:`blocks_share_inputs` without running a block (their weights may be on the meta device).
-
-    The blocks are replaced by stand-ins that pass the hidden states on, so
-    only the layers outside them run. A model whose forward cannot run that way
-    (it needs what a block computes) counts as not sharing.
-    """
-    seen: list[tuple[tuple, dict]] = []
-    module_list = model.get_submodule(blocks.path)
-    originals = list(module_list)
     for as_tuple in (False, True):
         seen.clear()
-        for index in range(len(originals)):
-            module_list[index] = _StandIn(None, as_tuple)
-        handles = [stand_in.register_forward_pre_hook(lambda _m, args, kwargs: seen.append((args[1:], kwargs)),
-                                                      with_kwargs=True) for stand_in in module_list]
-        try:
-            with eval_mode(model), torch.no_grad():
-                batch.run(model)
-            break
-        except Exception:  # the model needs the blocks' real outputs (or tuples): try tuples, then give up
-            if as_tuple:
-                return False
-        finally:
-            for handle in handles:
-                handle.remove()
-            for index, original in enumerate(originals):
-                module_list[index] = original
-    return len(seen) == len(originals) and all(_same_input(inputs, seen[0]) for inputs in seen[1:])
+        with replayed_blocks(model, blocks, None, as_tuple):
+            stand_ins = model.get_submodule(blocks.path)
+            handles = [stand_in.register_forward_pre_hook(lambda _m, args, kwargs: seen.append((args[1:], kwargs)),
+                                                          with_kwargs=True) for stand_in in stand_ins]
+            try:
+                with eval_mode(model), torch.no_grad():
+                    batch.run(model)
+            except Exception:  # the model needs what a block returns in the other form (or at all)
+                continue
+            finally:
+                for handle in handles:
+                    handle.remove()
+        return len(seen) == len(blocks.names) and all(_same_input(inputs, seen[0]) for inputs in seen[1:])
+    return False
 
 
 class _BlockReachedError(Exception):
@@ -251,14 +229,15 @@ class _StandIn(nn.Module):
 
 
 @contextmanager
-def replayed_blocks(model: nn.Module, blocks: Blocks, outputs: Sequence[torch.Tensor], as_tuple: bool
+def replayed_blocks(model: nn.Module, blocks: Blocks, outputs: Sequence[torch.Tensor] | None, as_tuple: bool
                     ) -> Iterator[None]:
     """Within the context, ``model``'s blocks are skipped and the last one returns ``outputs``, one per call.
 
     A full forward pass then costs the layers outside the blocks only, which is
     how the layers after the last block (a pooler) are calibrated on the
     blocks' cached outputs. The batches must run in the order of ``outputs``,
-    each forward once; ``as_tuple``: the blocks return tuples.
+    each forward once; ``as_tuple``: the blocks return tuples. Without
+    ``outputs`` every block passes its hidden states on.
     """
     module_list = model.get_submodule(blocks.path)
     originals = list(module_list)

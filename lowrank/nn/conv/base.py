@@ -130,6 +130,25 @@ def pointwise_out(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out.view(n, -1, *spatial)
 
 
+
+def padding_amounts(conv: nn.Module) -> list[int]:
+    """The ``F.pad`` amounts ``nn.ConvNd`` uses for a non-zero ``padding_mode``, last spatial dimension first.
+
+    ``conv`` is any module with ``kernel_size``, ``padding`` (ints, ``"same"``
+    or ``"valid"``) and ``dilation``; for ``"same"`` the extra pad of an even
+    kernel goes to the end, as in PyTorch.
+    """
+    amounts: list[int] = []
+    for i in reversed(range(len(conv.kernel_size))):
+        if conv.padding == "valid":
+            amounts += [0, 0]
+        elif conv.padding == "same":
+            total = conv.dilation[i] * (conv.kernel_size[i] - 1)
+            amounts += [total // 2, total - total // 2]
+        else:
+            amounts += [conv.padding[i], conv.padding[i]]
+    return amounts
+
 class FactorizedConv(FactorizedModule):
     """The hyper-parameters, padding and dense rebuild shared by the factorized convolutions.
 
@@ -188,16 +207,7 @@ class FactorizedConv(FactorizedModule):
         """
         if self.padding_mode == "zeros":
             return x
-        amounts = []
-        for i in reversed(range(len(self.kernel_size))):
-            if self.padding == "valid":
-                amounts += [0, 0]
-            elif self.padding == "same":
-                total = self.dilation[i] * (self.kernel_size[i] - 1)
-                amounts += [total // 2, total - total // 2]
-            else:
-                amounts += [self.padding[i], self.padding[i]]
-        return F.pad(x, amounts, mode=self.padding_mode)
+        return F.pad(x, padding_amounts(self), mode=self.padding_mode)
 
     def _stage(self, dims: Sequence[int]) -> dict[str, Any]:
         """``stride``, ``padding`` and ``dilation`` of a convolution whose kernel spans the spatial ``dims``.
