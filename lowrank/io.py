@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from lowrank import __version__
-from lowrank.nn import FactorizedModule, module_class
+from lowrank.nn import FactorizedModule, link_shared_inputs, module_class
 from lowrank.nn.surgery import swap_modules
 from lowrank.report import CompressionReport
 
@@ -260,6 +260,7 @@ def apply_plan(model: nn.Module, plan: dict[str, Any], source: str | Path = "the
         options = {} if parameter is None else {"device": parameter.device, "dtype": parameter.dtype}
         replacements.append((target, module_class(entry["class"])(**entry["config"], **options)))
     swap_modules(model, replacements)
+    link_shared_inputs(model)
     if adapted:
         from lowrank.adapters.io import attach_plan
 

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 import lowrank
-from lowrank.nn import METHODS, MODULES, DLRTLinear
+from lowrank.nn import METHODS, MODULES, DLRTLinear, FusedLowRankLinear
 
 CASES = [(kind, name) for kind, methods in METHODS.items() for name in methods]
 IDS = [f"{kind}-{name}" for kind, name in CASES]
@@ -103,8 +103,9 @@ class OutputSizes(TorchDispatchMode):
 
 def test_every_module_class_is_reached_by_a_method():
     reached = {method.module for methods in METHODS.values() for method in methods.values()}
-    # DLRTLinear is made by training (lowrank.train.DLRT), not by a compression method
-    assert reached == set(MODULES.values()) - {DLRTLinear}
+    # DLRTLinear is made by training (lowrank.train.DLRT), FusedLowRankLinear by fuse_shared_inputs from
+    # LowRankLinear layers; neither by a compression method
+    assert reached == set(MODULES.values()) - {DLRTLinear, FusedLowRankLinear}
     assert all(MODULES[cls.__name__] is cls for cls in reached)
 
 

@@ -6,7 +6,8 @@ empty from its ``config()``, and turned back into a dense layer with
 ``to_dense()``. :data:`METHODS` maps method names, per layer kind, to them.
 
 The submodules each hold one idea: ``linear``, ``embedding``, ``conv/``
-(``tucker2``, ``cp``, ``svd``), ``tt`` and ``tn`` the modules (``dlrt`` the
+(``tucker2``, ``cp``, ``svd``), ``tt`` and ``tn`` the modules, ``fused`` low-rank
+layers that share their input and run their first factors as one GEMM (``dlrt`` the
 rank-adaptive layer that :class:`lowrank.train.DLRT` trains); ``base`` their
 interface; ``registry`` the method names; ``dense`` facts about the dense
 layers they replace (weights, kinds, costs); ``tensorize`` the tensor view of
@@ -17,6 +18,7 @@ from lowrank.nn.base import FactorizedModule, UnsupportedLayerError
 from lowrank.nn.conv import CPConv, SVDConv, Tucker2Conv
 from lowrank.nn.dlrt import DLRTLinear
 from lowrank.nn.embedding import LowRankEmbedding
+from lowrank.nn.fused import FusedLowRankLinear, fuse_shared_inputs, link_shared_inputs
 from lowrank.nn.linear import LowRankLinear
 from lowrank.nn.registry import METHODS, MODULES, Method, module_class, resolve_methods
 from lowrank.nn.tn import TNLinear
@@ -28,6 +30,7 @@ __all__ = [
     "CPConv",
     "DLRTLinear",
     "FactorizedModule",
+    "FusedLowRankLinear",
     "LowRankEmbedding",
     "LowRankLinear",
     "Method",
@@ -36,6 +39,8 @@ __all__ = [
     "TTLinear",
     "Tucker2Conv",
     "UnsupportedLayerError",
+    "fuse_shared_inputs",
+    "link_shared_inputs",
     "module_class",
     "resolve_methods",
 ]

@@ -23,6 +23,7 @@ from lowrank.nn.conv import CPConv, SVDConv, Tucker2Conv
 from lowrank.nn.dense import count_params
 from lowrank.nn.dlrt import DLRTLinear
 from lowrank.nn.embedding import LowRankEmbedding
+from lowrank.nn.fused import FusedLowRankLinear
 from lowrank.nn.linear import LowRankLinear
 from lowrank.nn.tn import TNLinear
 from lowrank.nn.tt import TTLinear
@@ -140,10 +141,12 @@ METHODS: dict[str, dict[str, Method]] = {
 }
 
 # Every factorized module class by name, as a saved plan records it (DLRTLinear is no compression method: the
-# training method lowrank.train.DLRT makes it, and a checkpoint taken while training holds it).
+# training method lowrank.train.DLRT makes it, and a checkpoint taken while training holds it; nor is
+# FusedLowRankLinear: lowrank.nn.fuse_shared_inputs makes it from LowRankLinear layers).
 MODULES: dict[str, type[FactorizedModule]] = {
     cls.__name__: cls
-    for cls in (LowRankLinear, LowRankEmbedding, Tucker2Conv, CPConv, SVDConv, TTLinear, TNLinear, DLRTLinear)
+    for cls in (LowRankLinear, LowRankEmbedding, Tucker2Conv, CPConv, SVDConv, TTLinear, TNLinear, DLRTLinear,
+                FusedLowRankLinear)
 }
 
 
