@@ -7,6 +7,7 @@ machine load, and reports median times, relative errors and the speed ratio.
     python benchmarks/decompose.py            # print the table
     python benchmarks/decompose.py --record   # and append it to benchmarks/RESULTS.md
     python benchmarks/decompose.py --quick    # smaller tensors, for a smoke run
+    python benchmarks/decompose.py --only Tucker --rounds 3   # the Tucker cases, three tables in one run
 """
 
 from __future__ import annotations
@@ -127,14 +128,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     parser.add_argument("--quick", action="store_true", help="smaller tensors (a smoke run, not the targets)")
+    parser.add_argument("--only", default="", help="run only the cases whose name contains this text")
+    parser.add_argument("--rounds", type=int, default=1, help="measure the cases this many times, a table each")
     args = parser.parse_args()
     tl.set_backend("pytorch")
+    for _ in range(args.rounds):
+        table(args)
+
+
+def table(args: argparse.Namespace) -> None:
+    """Measure the selected cases once, print their table, and record it if asked."""
     rows = [
         "| case | anchor | anchor median | lowrank median | speed-up | target | anchor error | lowrank error |"
         " error ratio |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for case in cases(args.quick):
+    for case in (c for c in cases(args.quick) if args.only in c.name):
         r = measure(case)
         met = "met" if r["speedup"] >= case.target_speedup and r["ours_e"] <= 1.01 * r["anchor_e"] else "MISSED"
         rows.append(
@@ -143,10 +152,10 @@ def main() -> None:
             f"| {r['ours_e']:.5f} | {r['ours_e'] / r['anchor_e']:.4f} |"
         )
         print(rows[-1], flush=True)
-    table = "\n".join(rows)
-    print("\n" + table)
+    text = "\n".join(rows)
+    print("\n" + text)
     if args.record:
-        record("decompose", table, f"tensorly {tl.__version__}. Medians of alternating repeats in one process; "
+        record("decompose", text, f"tensorly {tl.__version__}. Medians of alternating repeats in one process; "
                "errors are relative Frobenius errors; 'met' needs the speed-up and an error at most 1% above the "
                "anchor's.")
 
