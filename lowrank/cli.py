@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         "info", help="print the report stored with a compressed checkpoint, or the adapters of an adapter directory")
     info.add_argument("directory", type=Path)
     info.add_argument("--json", action="store_true", help="print the stored plan and report (or adapters) as JSON")
+    info.add_argument("--plot", type=Path, metavar="FILE",
+                      help="also draw the report to FILE (.png, .svg, .pdf): ranks, kept parameters and errors per "
+                           "layer, spectra with their cut (needs matplotlib)")
 
     ada = commands.add_parser("adapters", help="work with adapters saved by lowrank.adapters.save or PEFT")
     ada_commands = ada.add_subparsers(dest="adapters_command", required=True)
@@ -244,7 +247,13 @@ def _info(args: argparse.Namespace) -> int:
     print(f"{args.directory}: written by lowrank {plan.get('version')}, model {plan.get('model_class')}, "
           f"{len(plan['modules'])} factorized modules" + (f", {len(adapted)} adapters" if adapted else ""))
     if plan.get("report") is not None:
-        print(lowrank.CompressionReport.from_dict(plan["report"]))
+        report = lowrank.CompressionReport.from_dict(plan["report"])
+        print(report)
+        if args.plot is not None:
+            report.plot(args.plot)
+            print(f"drew the report to {args.plot}")
+    elif args.plot is not None:
+        raise ValueError(f"{args.directory} holds no compression report to plot")
     else:
         for name, entry in plan["modules"].items():
             print(f"{name}: {entry['class']} {entry['config']}")
@@ -317,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.tol is not None:
             options["tol"] = args.tol
         factorization = lowrank.decompose(x, args.method, **options)
-    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as error:
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, ImportError) as error:
         print(f"lowrank: error: {error}", file=sys.stderr)
         return 2
     print(factorization)

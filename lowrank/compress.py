@@ -333,6 +333,8 @@ def _calibrated_row(plan: LinearPlan, layer: nn.Module) -> LayerReport:
     """The report row of a layer compressed data-aware; ``layer`` is the dense one."""
     row = LayerReport.dense(plan.name, layer, LOW_RANK.name, plan.skip_reason)
     row.rank, row.output_error = plan.rank, plan.output_error
+    if plan.spectrum is not None:
+        row.record_spectrum(plan.spectrum)
     if plan.module is not None:
         row.record(layer, plan.module)
     return row

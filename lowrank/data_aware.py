@@ -231,6 +231,10 @@ class LinearPlan:
         ``||(W - W') X|| / ||W X||`` on the calibration inputs the layer received.
     skip_reason : str or None
         Why the layer stays dense.
+    spectrum : torch.Tensor or None
+        The values the rank was chosen against, largest first: the singular
+        values of the whitened (or output-weighted) weight, or the square
+        roots of the ``"sensitivity"`` scores.
     """
 
     name: str
@@ -238,6 +242,7 @@ class LinearPlan:
     module: LowRankLinear | None
     output_error: float | None
     skip_reason: str | None
+    spectrum: torch.Tensor | None = None
 
 
 def break_even_rank(layer: nn.Module) -> int:
@@ -463,10 +468,16 @@ def compress_linears(
     except BaseException:
         swap_modules(model, [(name, layers[name]) for name in reversed(run.replaced)])
         raise
-    plans = run.plans
     reason = ("no rank below break-even is worth its parameters within the budget" if policy is None
               else f"{policy} gives no rank from 1 to below break-even")
-    return [plans.get(name, LinearPlan(name, None, None, None, reason)) for name in order]
+    return final_plans(run.plans, order, spectra, reason)
+
+
+def final_plans(plans: dict[str, LinearPlan], order: list[str], spectra: dict[str, torch.Tensor], reason: str
+                ) -> list[LinearPlan]:
+    """One plan per layer of ``order`` with its spectrum; layers without a plan stay dense for ``reason``."""
+    return [dataclasses.replace(plans.get(name, LinearPlan(name, None, None, None, reason)), spectrum=spectra[name])
+            for name in order]
 
 
 def _blockwise_plan(

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lowrank.nn import FactorizedModule
 from lowrank.nn.dense import count_params
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -19,7 +24,9 @@ class LayerReport:
 
     ``relative_error`` is the weight's relative error; ``output_error`` (data-aware
     compression only) the relative error of the layer's outputs on the
-    calibration inputs it received.
+    calibration inputs it received; ``spectrum`` (data-aware compression only)
+    the values its rank was chosen against, largest first (the whitened
+    weight's singular values, to 4 significant digits), where ``rank`` cuts.
     """
 
     name: str
@@ -32,6 +39,7 @@ class LayerReport:
     relative_error: float | None
     skip_reason: str | None = None
     output_error: float | None = None
+    spectrum: list[float] | None = None
 
     @property
     def replaced(self) -> bool:
@@ -46,6 +54,10 @@ class LayerReport:
         params = count_params(layer)
         return cls(name, type(layer).__name__, tuple(layer.weight.shape), method, None, params, params, None,
                    skip_reason)
+
+    def record_spectrum(self, values: torch.Tensor) -> None:
+        """Keep the values the rank was chosen against (largest first), to 4 significant digits."""
+        self.spectrum = [float(f"{value:.4g}") for value in values.tolist()]
 
     def record(self, layer: nn.Module, module: FactorizedModule) -> None:
         """Fill in the replacement of ``layer`` by ``module``: its rank, parameters and relative weight error."""
@@ -108,6 +120,16 @@ class CompressionReport:
             "layers": [asdict(row) for row in self.layers],
             "healing": self.healing,
         }
+
+    def plot(self, path: str | Path | None = None, *, layers: Sequence[str] | None = None, spectra: int = 4) -> Figure:
+        """Draw the report: ranks, kept parameters and errors per layer, spectra with their cut.
+
+        See :func:`lowrank.plots.plot_report`. Needs matplotlib (``pip install
+        'lowrank-torch[plot]'``); ``path`` also writes the figure there.
+        """
+        from lowrank.plots import plot_report
+
+        return plot_report(self, path, layers=layers, spectra=spectra)
 
     def to_json(self, **kwargs: Any) -> str:
         """The report as a JSON string (``kwargs`` go to ``json.dumps``)."""

@@ -51,6 +51,7 @@ from lowrank.data_aware import (
     SequentialRun,
     choose_ranks,
     device_of,
+    final_plans,
     forward_calls,
     layer_groups,
     layer_spectrum,
@@ -193,9 +194,10 @@ def compress_checkpoint(
         else:
             plans = _compress_calibrated(model, blocks, reader, calibrated_layers, calibrated, policy, budget,
                                          progress, start_block, finish_block)
-            for plan in plans:  # those after the blocks, and those left dense
+            for plan in plans:  # those after the blocks, and those left dense; every row gets its spectrum
                 if plan.name not in rows:
                     rows[plan.name] = _calibrated_row(plan, calibrated_layers[plan.name])
+                rows[plan.name].record_spectrum(plan.spectrum)
         _factorize_plainly(model, [t for t in plain if blocks.index_of(t.name) is None], methods, policy, rows)
         report.layers = [rows[target.name] for target in selected]
         if writer is not None:
@@ -274,7 +276,7 @@ def _compress_calibrated(
                   on_block_end=lambda index: finish_block(index, run.plans))
     reason = ("no rank below break-even is worth its parameters within the budget" if budget
               else f"{policy} gives no rank from 1 to below break-even")
-    return [run.plans.get(name, LinearPlan(name, None, None, None, reason)) for name in order]
+    return final_plans(run.plans, order, spectra, reason)
 
 
 def _dense_pass(
