@@ -154,9 +154,27 @@ def _check_adapters(text: str) -> None:
     assert "FLoRA in PEFT's format: refused" in text and "carries FLoRA, which PEFT does not have" in text, text
 
 
+def _check_compress_checkpoint(text: str) -> None:
+    found = re.search(r"^calibrated ratio 0.5: kept ([0-9.]+), (\d+) of (\d+) layers with a spectrum, mean cosine "
+                      r"([0-9.]+)$", text, re.MULTILINE)
+    assert found is not None, text
+    kept, recorded, layers, cosine = float(found[1]), int(found[2]), int(found[3]), float(found[4])
+    assert 0.49 <= kept <= 0.5 and recorded == layers == MINILM_LINEARS, found[0]
+    curves = {label: {float(r): float(c) for r, c in re.findall(r"ratio ([0-9.]+) cosine ([0-9.]+)", line)}
+              for label, line in re.findall(r"^(plain SVD|calibrated): (.*)$", text, re.MULTILINE)}
+    assert list(curves["plain SVD"]) == [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3], text
+    plain = list(curves["plain SVD"].values())
+    assert all(later <= earlier + 1e-3 for earlier, later in zip(plain, plain[1:])), plain  # fewer kept, further off
+    assert curves["calibrated"][0.5] == cosine and 0 < cosine < 1
+    for ratio, calibrated in curves["calibrated"].items():  # held-out text of the calibration's own domain
+        assert calibrated > curves["plain SVD"][ratio], (ratio, calibrated, curves["plain SVD"][ratio])
+    assert "lowrank info returned 0; the PNG starts with b'\\x89PNG\\r\\n\\x1a\\n'" in text, text
+
+
 # What a notebook prints, checked where that is cheap (notebooks not listed get the generic checks).
 OUTPUT_CHECKS: dict[str, Callable[[str], None]] = {
     "adapters.ipynb": _check_adapters,
+    "compress_checkpoint.ipynb": _check_compress_checkpoint,
     "decompose_tour.ipynb": _check_decompose_tour,
     "train_lowrank.ipynb": _check_train_lowrank,
 }
