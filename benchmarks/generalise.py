@@ -57,6 +57,12 @@ SETTINGS: dict[str, dict | None] = {
     "allocation=energy, refit=False": {"allocation": "energy", "refit": False},
     "sequential=False, refit=False": {"sequential": False, "refit": False},
     'whiten="asvd"': {"whiten": "asvd"},
+    "shrinkage=0.2": {"shrinkage": 0.2},
+    "shrinkage=0.5": {"shrinkage": 0.5},
+    "ridge=1": {"ridge": 1.0},
+    "allocation=energy, refit=False, shrinkage=0.2": {"allocation": "energy", "refit": False, "shrinkage": 0.2},
+    "allocation=energy, refit=False, shrinkage=0.5": {"allocation": "energy", "refit": False, "shrinkage": 0.5},
+    "refit=False, shrinkage=0.5": {"refit": False, "shrinkage": 0.5},
 }
 
 

@@ -29,9 +29,9 @@ from lowrank.rank.policies import ACCEPTED_FORMS
 
 # The compress options that only calibration uses: CalibrationConfig's fields (None when not given), and flags.
 CALIBRATION_OPTIONS = {
-    "allocation": "--allocation", "whiten": "--no-whiten/--asvd", "refit": "--no-refit",
-    "sequential": "--no-sequential", "n_probes": "--probes", "batch_size": "--batch-size", "max_length": "--max-length",
-    "device": "--device",
+    "allocation": "--allocation", "whiten": "--no-whiten/--asvd", "refit": "--no-refit", "shrinkage": "--shrinkage",
+    "ridge": "--ridge", "sequential": "--no-sequential", "n_probes": "--probes", "batch_size": "--batch-size",
+    "max_length": "--max-length", "device": "--device",
 }
 
 
@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --calibration: scale input channels by their mean activation (ASVD), not whiten")
     com.add_argument("--no-refit", dest="refit", action="store_const", const=False,
                      help="with --calibration: do not refit the second factors to the dense outputs")
+    com.add_argument("--shrinkage", type=float, metavar="S",
+                     help="with --calibration: whiten by the input Gram matrices pulled towards their diagonal by S "
+                          "in [0, 1] (default 0)")
+    com.add_argument("--ridge", type=float, metavar="R",
+                     help="with --calibration: pull each refitted second factor towards the unrefitted one by R "
+                          "(relative ridge, default 0: the full refit)")
     com.add_argument("--no-sequential", dest="sequential", action="store_const", const=False,
                      help="with --calibration: calibrate every layer on the dense model's inputs")
     com.add_argument("--probes", dest="n_probes", type=int, metavar="N",

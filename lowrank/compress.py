@@ -38,8 +38,8 @@ BATCH_SHAPING = ("tokenizer", "batch_size", "max_length")
 SHORTCUTS: dict[str, tuple[str, str]] = {
     **{name: ("targets", name) for name in ("include", "exclude", "kinds", "filter_fn")},
     **{name: ("calibration", name) for name in (
-        "tokenizer", "allocation", "whiten", "sequential", "refit", "n_probes", "loss_fn", "device", "batch_size",
-        "max_length",
+        "tokenizer", "allocation", "whiten", "sequential", "refit", "shrinkage", "ridge", "n_probes", "loss_fn",
+        "device", "batch_size", "max_length",
     )},
     **{f"heal_{name}": ("heal", name) for name in ("steps", "seconds", "lr")},
 }
@@ -118,7 +118,7 @@ def compress(
     calibration : CalibrationConfig, or list of str, DataLoader, iterable of batches, or callable, optional
         Calibration data (made into a :class:`lowrank.CalibrationConfig`
         with the shortcuts ``tokenizer=``, ``allocation=``, ``whiten=``,
-        ``sequential=``, ``refit=``, ``n_probes=``, ``loss_fn=``, ``device=``
+        ``sequential=``, ``refit=``, ``shrinkage=``, ``ridge=``, ``n_probes=``, ``loss_fn=``, ``device=``
         (where each block runs its turn: ``"cuda"`` for a CPU model larger
         than the GPU), ``batch_size=`` and ``max_length=``), or a config. The default
         allocation with a ratio is ``"fisher"``, the best measured

@@ -43,6 +43,7 @@ from lowrank.calibrate import (
     refit_second,
     relative_output_error,
     run_calibration,
+    shrunk_to_diagonal,
     whitened_low_rank,
     whitened_spectrum,
 )
@@ -103,6 +104,16 @@ class CalibrationConfig:
         form so the layer, fed by the compressed layers before it, reproduces
         the dense layer's outputs (keeps a dense copy of the model during the
         call); batches only.
+    shrinkage : float
+        Whiten by the input Gram matrix pulled towards its diagonal,
+        ``(1 - shrinkage) G + shrinkage diag(G)``, in [0, 1]: the spectra and
+        factors trust the calibration text's correlations between channels
+        less (:func:`lowrank.calibrate.shrunk_to_diagonal`). 0: none.
+    ridge : float
+        With ``refit``, a ridge pulling each refitted second factor towards
+        the one before the refit, relative to the mean diagonal of ``A G A^T``
+        (:func:`lowrank.calibrate.refit_second`'s ``damping`` with ``prior``):
+        0 is the full refit, a large value no refit.
     n_probes : int
         Output probes per batch for the ``"fisher"`` allocation's default loss.
     loss_fn : callable, optional
@@ -135,6 +146,8 @@ class CalibrationConfig:
     whiten: bool | str = True
     sequential: bool = True
     refit: bool = True
+    shrinkage: float = 0.0
+    ridge: float = 0.0
     n_probes: int = 1
     loss_fn: Callable[[nn.Module, CalibrationBatch], torch.Tensor] | None = None
     device: str | None = None
@@ -148,6 +161,10 @@ class CalibrationConfig:
             raise ValueError(f"CalibrationConfig.whiten must be True, False or 'asvd', got {self.whiten!r}")
         for name in ("sequential", "refit"):
             object.__setattr__(self, name, check_bool(getattr(self, name), f"CalibrationConfig.{name}"))
+        if not (isinstance(self.shrinkage, (int, float)) and 0.0 <= self.shrinkage <= 1.0):
+            raise ValueError(f"CalibrationConfig.shrinkage must be a number in [0, 1], got {self.shrinkage!r}")
+        if not (isinstance(self.ridge, (int, float)) and 0.0 <= self.ridge < float("inf")):
+            raise ValueError(f"CalibrationConfig.ridge must be a finite number >= 0, got {self.ridge!r}")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ValueError(f"CalibrationConfig.loss_fn must be a callable (model, batch) -> loss, "
                              f"got {self.loss_fn!r}")
@@ -209,6 +226,8 @@ class CalibrationConfig:
             "whiten": self.whiten,
             "sequential": self.sequential,
             "refit": self.refit,
+            "shrinkage": self.shrinkage,
+            "ridge": self.ridge,
             "n_probes": self.n_probes,
             "device": self.device,
             "loss_fn": None if self.loss_fn is None else getattr(self.loss_fn, "__name__", "callable"),
@@ -299,13 +318,16 @@ def first_order_scores(weight: torch.Tensor, gram: torch.Tensor, gradient: torch
 
 
 def layer_spectrum(layer: nn.Module, whiten: bool | str, inputs: InputStatistics,
-                   output_gram: torch.Tensor | None = None) -> torch.Tensor:
-    """The singular values a rank choice reads for ``layer``: of its whitened, ASVD-scaled or plain weight."""
+                   output_gram: torch.Tensor | None = None, shrinkage: float = 0.0) -> torch.Tensor:
+    """The singular values a rank choice reads for ``layer``: of its whitened, ASVD-scaled or plain weight.
+
+    A whitened weight is whitened by the input Gram matrix shrunk by ``shrinkage`` towards its diagonal.
+    """
     weight = _weight64(layer)
     if whiten == "asvd":
         return asvd_low_rank(weight, inputs.abs_mean, 1)[2]
     if whiten:
-        return whitened_spectrum(weight, inputs.gram, output_gram=output_gram)
+        return whitened_spectrum(weight, shrunk_to_diagonal(inputs.gram, shrinkage), output_gram=output_gram)
     return torch.linalg.svdvals(weight)
 
 
@@ -445,7 +467,8 @@ def compress_linears(
     def spectrum(name: str, layer: nn.Module) -> torch.Tensor:
         if gradients is not None:
             return first_order_scores(_weight64(layer), stats[name], gradients[name]).sqrt()
-        return layer_spectrum(layer, config.whiten, inputs[name], None if fisher is None else fisher.get(name))
+        return layer_spectrum(layer, config.whiten, inputs[name], None if fisher is None else fisher.get(name),
+                              config.shrinkage)
 
     spectra = spread_spectra(layers, spectrum)
     # layers the loss does not see (a pooler under the default probe) keep ``ratio`` of their own parameters
@@ -547,7 +570,7 @@ class SequentialRun:
         for index, name in enumerate(todo):  # each layer's statistics are dropped once used: they add up
             stats = (self.stats.pop(name), self.abs_means.pop(name, None), self.cross.pop(name, None))
             source = owner(index)  # the factors are spread over the processes, then shared
-            plan = (_plan_layer(name, self.layers[name], self.ranks[name], self.config.whiten, *stats)
+            plan = (_plan_layer(name, self.layers[name], self.ranks[name], self.config, *stats)
                     if source == world()[0] else None)
             self.plans[name] = _shared_plan(plan, name, self.layers[name], self.ranks[name], source)
         swap_modules(self.model, [(name, self.plans[name].module) for name in todo])
@@ -657,22 +680,25 @@ def _shared_plan(plan: LinearPlan | None, name: str, layer: nn.Module, rank: int
 
 
 def _plan_layer(
-    name: str, layer: nn.Module, rank: int, whiten: bool | str, gram: torch.Tensor, abs_mean: torch.Tensor | None,
-    cross: torch.Tensor | None = None,
+    name: str, layer: nn.Module, rank: int, config: CalibrationConfig, gram: torch.Tensor,
+    abs_mean: torch.Tensor | None, cross: torch.Tensor | None = None,
 ) -> LinearPlan:
     """The low-rank replacement of ``layer`` at ``rank``: whitened by ``gram``, ASVD-scaled by ``abs_mean``, or plain.
 
-    With ``cross`` (the cross moment of dense and compressed inputs), the second
-    factor is refitted to map the compressed inputs to the dense outputs.
+    ``config`` says which (``whiten``), and how much to shrink ``gram`` for the
+    whitening (``shrinkage``). With ``cross`` (the cross moment of dense and
+    compressed inputs), the second factor is refitted to map the compressed
+    inputs to the dense outputs, with ``config.ridge`` towards the unrefitted one.
     """
     weight = _weight64(layer)
-    if whiten:
-        if whiten == "asvd":
+    if config.whiten:
+        if config.whiten == "asvd":
             first, second, _ = asvd_low_rank(weight, abs_mean, rank)
         else:
-            first, second, _ = whitened_low_rank(weight, gram, rank)
+            first, second, _ = whitened_low_rank(weight, shrunk_to_diagonal(gram, config.shrinkage), rank)
         if cross is not None:
-            second = refit_second(weight, first, gram, cross)
+            second = refit_second(weight, first, gram, cross, damping=config.ridge,
+                                  prior=second if config.ridge else None)
         bias = linear_bias(layer)
         module = LowRankLinear.from_factors(first, second, bias, linear_type(layer), dtype=layer.weight.dtype)
     else:

@@ -306,7 +306,7 @@ def _dense_pass(
             statistics = summed_statistics(collect_input_statistics(block, {key: inner[key] for key in calls},
                                                                     inputs))
             found = spread_spectra({key: inner[key] for key in calls},
-                                   partial(_spectrum_from, statistics, config.whiten))
+                                   partial(_spectrum_from, statistics, config))
             order += [f"{name}.{key}" for key in found]
             spectra.update({f"{name}.{key}": value for key, value in found.items()})
         inputs, as_tuple = next_block_inputs(block, inputs)
@@ -320,15 +320,15 @@ def _dense_pass(
         with replayed_blocks(model, blocks, outputs, as_tuple):
             statistics = summed_statistics(collect_input_statistics(model, after, calibration))
         found = spread_spectra({full: after[full] for full in calls},
-                               partial(_spectrum_from, statistics, config.whiten))
+                               partial(_spectrum_from, statistics, config))
         order += found
         spectra.update(found)
     return order, spectra
 
 
-def _spectrum_from(statistics: dict, whiten: bool | str, name: str, layer: nn.Module) -> torch.Tensor:
+def _spectrum_from(statistics: dict, config: CalibrationConfig, name: str, layer: nn.Module) -> torch.Tensor:
     """The spectrum of the layer ``name`` from its input ``statistics``, which are dropped (no longer needed)."""
-    return layer_spectrum(layer, whiten, statistics.pop(name))
+    return layer_spectrum(layer, config.whiten, statistics.pop(name), shrinkage=config.shrinkage)
 
 
 def _unique_tensors(state: dict) -> dict:

@@ -28,6 +28,7 @@ from lowrank.calibrate import (
     refit_second,
     relative_output_error,
     run_calibration,
+    shrunk_to_diagonal,
     whitened_low_rank,
 )
 
@@ -220,6 +221,43 @@ def test_refit_second_is_the_least_squares_solution_and_never_hurts():
     assert refit_second(w.float(), first.float(), x @ x.T).dtype == torch.float32
     with pytest.raises(ValueError, match=r"first must have shape \(rank, 20\)"):
         refit_second(w, first[:, :10], x @ x.T)
+
+
+def test_a_ridge_pulls_the_refit_towards_its_prior_as_the_augmented_least_squares_does():
+    gen = generator(15)
+    w = randn(14, 20, gen=gen)
+    x = correlated_inputs(20, 200, seed=16)
+    x_c = x + 0.3 * randn(*x.shape, gen=gen)
+    u, s, vh = torch.linalg.svd(w)
+    first, prior = vh[:5], u[:, :5] * s[:5]
+    hessian = first @ x_c @ x_c.T @ first.T
+    for damping in (0.01, 0.3, 3.0):
+        refit = refit_second(w, first, x_c @ x_c.T, cross=x @ x_c.T, damping=damping, prior=prior)
+        # min ||W X - B A X_c||^2 + lam ||B - P||^2 as one least-squares problem: rows sqrt(lam) I appended
+        lam = damping * float(hessian.diagonal().mean())
+        design = torch.cat([(first @ x_c).T, lam**0.5 * torch.eye(5, dtype=F64)])
+        target = torch.cat([(w @ x).T, lam**0.5 * prior.T])
+        reference = torch.linalg.lstsq(design, target).solution.T
+        assert torch.allclose(refit, reference, rtol=1e-7, atol=1e-9), damping
+    full = refit_second(w, first, x_c @ x_c.T, cross=x @ x_c.T)
+    assert torch.allclose(refit_second(w, first, x_c @ x_c.T, cross=x @ x_c.T, damping=0.0, prior=prior), full)
+    kept = refit_second(w, first, x_c @ x_c.T, cross=x @ x_c.T, damping=1e9, prior=prior)
+    assert torch.allclose(kept, prior, rtol=1e-6, atol=1e-8)
+    with pytest.raises(ValueError, match=r"prior must have shape \(14, 5\)"):
+        refit_second(w, first, x_c @ x_c.T, damping=1.0, prior=prior[:, :4])
+
+
+def test_shrinkage_keeps_the_diagonal_and_scales_the_correlations():
+    x = correlated_inputs(8, 50, seed=17)
+    gram = x @ x.T
+    for amount in (0.0, 0.25, 1.0):
+        shrunk = shrunk_to_diagonal(gram, amount)
+        assert torch.equal(shrunk.diagonal(), gram.diagonal())
+        off = ~torch.eye(8, dtype=torch.bool)
+        assert torch.allclose(shrunk[off], (1 - amount) * gram[off], rtol=1e-15, atol=0)
+    assert shrunk_to_diagonal(gram, 0.0) is gram
+    with pytest.raises(ValueError, match="shrinkage must be in \\[0, 1\\], got 1.5"):
+        shrunk_to_diagonal(gram, 1.5)
 
 
 def test_relative_output_error_and_argument_checks():

@@ -340,3 +340,47 @@ def test_a_layer_the_output_does_not_depend_on_keeps_its_own_ratio():
     pooler = next(row for row in report.layers if row.name == "pooler")
     assert pooler.replaced and pooler.params_after <= 0.45 * pooler.params_before
     assert report.params_after <= 0.45 * report.params_before
+
+
+def test_full_shrinkage_whitens_by_the_input_channels_norms_alone():
+    """shrinkage=1 whitens by diag(G): the spectrum is that of W scaled by each input channel's root mean square."""
+    dense, model = block(), block()
+    data = calibration()
+    report = lowrank.compress(model, 0.6, calibration=data, allocation="uniform", sequential=False, refit=False,
+                              shrinkage=1.0, progress=False)
+    x = torch.cat(data)
+    expected = torch.linalg.svdvals(dense.a.first.weight.detach() * torch.linalg.vector_norm(x, dim=0))
+    row = next(r for r in report.layers if r.name == "a.first")
+    torch.testing.assert_close(torch.tensor(row.spectrum, dtype=F64), expected, rtol=1e-3, atol=1e-3 * expected[0])
+    # the factors are the truncation in that metric: W' S = (W S)_r with S = diag(norms)
+    scale = torch.linalg.vector_norm(x, dim=0)
+    u, s, vh = torch.linalg.svd(dense.a.first.weight.detach() * scale)
+    truncated = (u[:, :row.rank] * s[:row.rank]) @ vh[:row.rank] / scale
+    assert torch.allclose(model.a.first.weight.detach(), truncated, atol=1e-8)
+    assert report.settings["calibration"]["shrinkage"] == 1.0
+
+
+def test_a_large_ridge_keeps_the_unrefitted_factors_and_none_is_the_full_refit():
+    data = calibration()
+    runs = {}
+    for label, settings in {"refit": {}, "ridge 0": {"ridge": 0.0}, "huge ridge": {"ridge": 1e9},
+                            "no refit": {"refit": False}, "some ridge": {"ridge": 0.5}}.items():
+        model = block()
+        lowrank.compress(model, 0.6, calibration=data, allocation="uniform", progress=False, **settings)
+        runs[label] = torch.cat([m.second.detach().flatten() for m in model.modules() if isinstance(m, LowRankLinear)])
+    assert torch.equal(runs["ridge 0"], runs["refit"])
+    assert torch.allclose(runs["huge ridge"], runs["no refit"], rtol=1e-6, atol=1e-8)
+    assert not torch.allclose(runs["refit"], runs["no refit"], atol=1e-4)  # the refit does move them here
+    between = float(torch.linalg.vector_norm(runs["some ridge"] - runs["no refit"]))
+    assert 0 < between < float(torch.linalg.vector_norm(runs["refit"] - runs["no refit"]))
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("shrinkage", -0.1, "shrinkage must be a number in \\[0, 1\\], got -0.1"),
+    ("shrinkage", 1.5, "shrinkage must be a number in \\[0, 1\\], got 1.5"),
+    ("ridge", -1.0, "ridge must be a finite number >= 0, got -1.0"),
+    ("ridge", float("inf"), "ridge must be a finite number >= 0, got inf"),
+])
+def test_bad_shrinkage_or_ridge_is_refused_by_name(field, value, message):
+    with pytest.raises(ValueError, match=f"CalibrationConfig.{message}"):
+        lowrank.CalibrationConfig(calibration(), **{field: value})

@@ -50,6 +50,7 @@ from lowrank.calibrate.whitening import (
     cholesky_factor,
     refit_second,
     relative_output_error,
+    shrunk_to_diagonal,
     whitened_low_rank,
     whitened_spectrum,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "refit_second",
     "relative_output_error",
     "run_calibration",
+    "shrunk_to_diagonal",
     "whitened_low_rank",
     "whitened_spectrum",
 ]

@@ -50,6 +50,32 @@ def _symmetrised(gram: torch.Tensor, block: int = 1024) -> torch.Tensor:
     return g
 
 
+def shrunk_to_diagonal(gram: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """``(1 - shrinkage) * gram + shrinkage * diag(gram)``: a Gram matrix pulled towards its diagonal (a new tensor).
+
+    Shrinkage (Ledoit and Wolf's target of the variances alone) keeps each
+    channel's scale and weakens the correlations between channels that a
+    finite calibration set measures: whitening by the shrunk matrix trusts
+    the calibration text's particular correlations less. ``shrinkage=0``
+    returns ``gram`` itself; 1 its diagonal alone.
+
+    Examples
+    --------
+    >>> import torch
+    >>> shrunk_to_diagonal(torch.tensor([[4.0, 2.0], [2.0, 1.0]]), 0.5)
+    tensor([[4., 1.],
+            [1., 1.]])
+
+    """
+    if not 0.0 <= shrinkage <= 1.0:
+        raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
+    if shrinkage == 0.0:
+        return gram
+    shrunk = gram * (1.0 - shrinkage)
+    shrunk.diagonal().copy_(gram.diagonal())
+    return shrunk
+
+
 def cholesky_factor(gram: torch.Tensor, *, damping: float = 0.0, max_tries: int = 12) -> torch.Tensor:
     """Lower Cholesky factor ``L`` of ``gram + shift I``, with the smallest shift that succeeds.
 
@@ -304,6 +330,7 @@ def refit_second(
     cross: torch.Tensor | None = None,
     *,
     damping: float = 0.0,
+    prior: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The least-squares ``second`` factor for a fixed ``first``: ``B = W C A^T (A G A^T)^{-1}``.
 
@@ -326,9 +353,16 @@ def refit_second(
         ``(in, in)`` cross moment ``C = sum_t x_d x_c^T`` (rows: dense path,
         columns: compressed path); ``gram`` by default.
     damping : float
-        Ridge on ``A G A^T``, relative to its mean diagonal; the solve always
-        adds the smallest shift that makes it positive definite (see
+        Ridge on ``A G A^T``, relative to its mean diagonal: ``lam = damping *
+        trace(A G A^T) / rank`` is added to its diagonal, which pulls ``B``
+        towards ``prior`` (towards zero without one). The solve always adds
+        the smallest shift that makes it positive definite (see
         :func:`cholesky_factor`), so a rank-deficient ``A G A^T`` is handled.
+    prior : torch.Tensor, optional
+        ``(out, rank)`` factor the ridge pulls towards: minimises
+        ``||W X_d - B A X_c||^2 + lam ||B - prior||^2``, so ``damping=0`` is the
+        full refit and a large ``damping`` keeps ``prior`` (the factor before
+        any refit).
 
     Returns
     -------
@@ -353,6 +387,11 @@ def refit_second(
         c = cross.detach().to(device=w.device, dtype=_F64)
     hessian = a @ g @ a.T
     rhs = w @ c @ a.T  # (out, rank)
+    if prior is not None:
+        if prior.shape != rhs.shape:
+            raise ValueError(f"prior must have shape {tuple(rhs.shape)}, got {tuple(prior.shape)}")
+        ridge = damping * (float(hessian.diagonal().clamp_min(0).mean()) or 1.0)  # as cholesky_factor scales it
+        rhs = rhs + ridge * prior.detach().to(device=w.device, dtype=_F64)
     factor = cholesky_factor(hessian, damping=damping)
     return torch.cholesky_solve(rhs.T, factor).T.to(weight.dtype)
 
