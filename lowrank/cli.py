@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--heal-seconds", type=float, metavar="S", help="with --calibration: at most S seconds of healing")
     com.add_argument("--heal-lr", type=float, default=heal.lr, metavar="LR",
                      help=f"with --calibration: the learning rate of healing (default {heal.lr:g})")
+    com.add_argument("--heal-holdout", type=float, default=heal.holdout, metavar="SHARE",
+                     help="with --calibration: hold out this share of the calibration batches and stop healing when "
+                          f"their loss stops improving, keeping the best factors (default {heal.holdout:g}: none)")
     com.add_argument(
         "--stream", action=argparse.BooleanOptionalAction, default=None,
         help="read, compress and write one block at a time (peak memory about one block; allocation energy or "
@@ -192,7 +195,8 @@ def _calibration_texts(path: Path) -> list[str]:
 def _configs(args: argparse.Namespace) -> tuple[lowrank.Targets, lowrank.CalibrationConfig | None, lowrank.HealConfig]:
     """The configs of ``lowrank compress``, checked before the model is loaded."""
     targets = lowrank.Targets(include=args.targets, exclude=args.exclude, kinds=args.kinds)
-    heal = lowrank.HealConfig(steps=args.heal_steps, seconds=args.heal_seconds, lr=args.heal_lr)
+    heal = lowrank.HealConfig(steps=args.heal_steps, seconds=args.heal_seconds, lr=args.heal_lr,
+                              holdout=args.heal_holdout)
     options = {name: getattr(args, name) for name in CALIBRATION_OPTIONS if getattr(args, name) is not None}
     if args.calibration is None:
         if options:

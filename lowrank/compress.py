@@ -41,7 +41,7 @@ SHORTCUTS: dict[str, tuple[str, str]] = {
         "tokenizer", "allocation", "whiten", "sequential", "refit", "shrinkage", "ridge", "n_probes", "loss_fn",
         "device", "batch_size", "max_length",
     )},
-    **{f"heal_{name}": ("heal", name) for name in ("steps", "seconds", "lr")},
+    **{f"heal_{name}": ("heal", name) for name in ("steps", "seconds", "lr", "holdout", "eval_every", "patience")},
 }
 
 
@@ -126,7 +126,9 @@ def compress(
     heal : HealConfig, optional
         With calibration data: Adam on the factors towards the dense model's
         outputs after compression. Shortcuts ``heal_steps=``,
-        ``heal_seconds=``, ``heal_lr=``, as in :class:`lowrank.HealConfig`.
+        ``heal_seconds=``, ``heal_lr=``, ``heal_holdout=`` (early stopping on
+        held-out calibration batches), ``heal_eval_every=`` and
+        ``heal_patience=``, as in :class:`lowrank.HealConfig`.
     progress : bool
         Show a progress bar over the targeted layers.
     **shortcuts
@@ -160,6 +162,9 @@ def compress(
     if calibrated is not None and calibrated.runs_itself and heal.enabled:
         raise ValueError("a callable calibration runs the model itself: it does not support healing; "
                          "give texts or batches")
+    if heal.enabled and heal.holdout and len(calibrated.data) < 2:
+        raise ValueError(f"heal_holdout={heal.holdout} holds out calibration batches to stop early on: it needs at "
+                         f"least 2 batches, got {len(calibrated.data)}")
     selected = targets.select(model)
     report = CompressionReport(settings=_settings(policy, rank, energy, methods, targets, calibrated, heal))
     calibrated_layers: dict[str, nn.Module] = {}

@@ -30,6 +30,18 @@ class HealConfig:
         stops at the first reached.
     lr : float
         Adam's learning rate.
+    holdout : float
+        Share of the calibration batches held out of training (the last
+        ones, at least one) to stop early on: every ``eval_every`` steps the
+        distillation loss on them is measured, the factors of the best
+        measurement are kept, and training stops after ``patience``
+        measurements without improvement; the factors of the best are put
+        back at the end. 0: train on every batch until a bound is reached.
+    eval_every : int, optional
+        Steps between held-out measurements (default: one pass over the
+        training batches).
+    patience : int
+        Held-out measurements without improvement before stopping.
 
     Examples
     --------
@@ -41,12 +53,20 @@ class HealConfig:
     steps: int = 0
     seconds: float | None = None
     lr: float = 1e-4
+    holdout: float = 0.0
+    eval_every: int | None = None
+    patience: int = 3
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", check_int(self.steps, "HealConfig.steps", minimum=0))
         if self.seconds is not None:
             object.__setattr__(self, "seconds", check_positive(self.seconds, "HealConfig.seconds"))
         object.__setattr__(self, "lr", check_positive(self.lr, "HealConfig.lr"))
+        if not (isinstance(self.holdout, (int, float)) and 0.0 <= self.holdout < 1.0):
+            raise ValueError(f"HealConfig.holdout must be a share in [0, 1), got {self.holdout!r}")
+        if self.eval_every is not None:
+            object.__setattr__(self, "eval_every", check_int(self.eval_every, "HealConfig.eval_every", minimum=1))
+        object.__setattr__(self, "patience", check_int(self.patience, "HealConfig.patience", minimum=1))
 
     @property
     def enabled(self) -> bool:
@@ -60,12 +80,22 @@ class HealConfig:
 
 @dataclass(frozen=True)
 class HealReport:
-    """What :func:`heal` did: steps taken, seconds spent, and the distillation loss before and after."""
+    """What :func:`heal` did: steps taken, seconds spent, and the distillation loss before and after.
+
+    The losses are over the training batches; with a holdout, ``held_out_before``
+    and ``held_out_after`` are over the held-out ones, ``best_step`` the step
+    whose factors were kept (0: those before healing) and ``stopped_early``
+    whether the patience ran out before a bound was reached.
+    """
 
     steps: int
     seconds: float
     loss_before: float
     loss_after: float
+    held_out_before: float | None = None
+    held_out_after: float | None = None
+    best_step: int | None = None
+    stopped_early: bool = False
 
 
 def reference_outputs(model: nn.Module, batches: Sequence[CalibrationBatch]) -> list[torch.Tensor]:
@@ -96,7 +126,8 @@ def heal(
     Adam step on the relative mean squared distance between the model's output
     tensor and the dense model's (over real tokens only). Dropout is off
     (eval mode); every parameter's ``requires_grad`` and ``grad`` and every
-    module's mode are restored afterwards.
+    module's mode are restored afterwards. With ``config.holdout``, the last
+    batches are held out of training to stop early on (see :class:`HealConfig`).
 
     Parameters
     ----------
@@ -127,25 +158,49 @@ def heal(
     ]
     if not factors:
         raise ValueError("the model has no factorized module to heal")
+    held = 0
+    if config.holdout:
+        if len(batches) < 2:
+            raise ValueError(f"holding out {config.holdout} of the calibration for early stopping needs at least 2 "
+                             f"batches, got {len(batches)}")
+        held = min(len(batches) - 1, max(1, round(config.holdout * len(batches))))
+    train, train_targets = batches[:len(batches) - held], targets[:len(targets) - held]
+    check, check_targets = batches[len(batches) - held:], targets[len(targets) - held:]
+    eval_every = config.eval_every or len(train)
     start = time.perf_counter()
-    taken = 0
+    taken = misses = 0
     with train_only(model, factors), eval_mode(model):
-        before = _mean_loss(model, batches, targets)
+        before = _mean_loss(model, train, train_targets)
+        held_before = best = _mean_loss(model, check, check_targets) if held else None
+        best_step, best_factors = 0, [p.detach().clone() for p in factors] if held else None
         optimizer = torch.optim.Adam(factors, lr=config.lr)
         bar = tqdm(total=config.steps or None, desc="lowrank.heal", unit="step", disable=not progress)
         while (not config.steps or taken < config.steps) and (
             config.seconds is None or time.perf_counter() - start < config.seconds
-        ):
-            batch = batches[taken % len(batches)]
-            loss = _distance(model_output_tensor(batch.run(model)), targets[taken % len(batches)], batch.token_mask)
+        ) and misses < config.patience:
+            batch = train[taken % len(train)]
+            loss = _distance(model_output_tensor(batch.run(model)), train_targets[taken % len(train)], batch.token_mask)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             taken += 1
             bar.update()
+            if held and taken % eval_every == 0:
+                measured = _mean_loss(model, check, check_targets)
+                if measured < best:
+                    best, best_step, misses = measured, taken, 0
+                    best_factors = [p.detach().clone() for p in factors]
+                else:
+                    misses += 1
         bar.close()
-        after = _mean_loss(model, batches, targets)
-    return HealReport(taken, time.perf_counter() - start, before, after)
+        if held:
+            with torch.no_grad():
+                for p, kept in zip(factors, best_factors):
+                    p.copy_(kept)
+        after = _mean_loss(model, train, train_targets)
+        held_after = _mean_loss(model, check, check_targets) if held else None
+    return HealReport(taken, time.perf_counter() - start, before, after, held_before, held_after,
+                      best_step if held else None, misses >= config.patience)
 
 
 def _mean_loss(model: nn.Module, batches: Sequence[CalibrationBatch], targets: Sequence[torch.Tensor]) -> float:

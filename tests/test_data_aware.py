@@ -197,7 +197,8 @@ def test_healing_trains_only_the_factors_and_lowers_the_distillation_loss():
     data = calibration(batches=2)
     frozen = {name: p.detach().clone() for name, p in model.named_parameters()}
     report = lowrank.compress(model, 0.3, calibration=data, allocation="uniform", heal_steps=40, progress=False)
-    assert report.settings["heal"] == {"steps": 40, "seconds": None, "lr": 1e-4}
+    assert report.settings["heal"] == {"steps": 40, "seconds": None, "lr": 1e-4, "holdout": 0.0, "eval_every": None,
+                                       "patience": 3}
     healed = report.healing
     assert healed["steps"] == 40 and healed["loss_after"] < healed["loss_before"]
     for name, p in model.named_parameters():
@@ -384,3 +385,33 @@ def test_a_large_ridge_keeps_the_unrefitted_factors_and_none_is_the_full_refit()
 def test_bad_shrinkage_or_ridge_is_refused_by_name(field, value, message):
     with pytest.raises(ValueError, match=f"CalibrationConfig.{message}"):
         lowrank.CalibrationConfig(calibration(), **{field: value})
+
+
+def relative_distance(model, reference, x):
+    """The healing loss written out: mean squared difference over the dense output's mean square."""
+    with torch.no_grad():
+        target = reference(x)
+        return float(((model(x) - target) ** 2).mean() / (target**2).mean())
+
+
+def test_early_stopping_keeps_the_factors_best_on_the_held_out_batches():
+    dense, model = block(), block()
+    train = calibration(seed=1, batches=3)
+    other = randn(64, 24, gen=generator(77)) * 2  # the held-out batch: inputs of every direction, not the subspace
+    report = lowrank.compress(model, 0.4, calibration=[*train, other], allocation="uniform", heal_steps=400,
+                              heal_lr=0.05, heal_holdout=0.25, heal_eval_every=3, heal_patience=2, progress=False)
+    healing = report.healing
+    assert healing["stopped_early"] and healing["steps"] < 400
+    assert healing["best_step"] % 3 == 0 and healing["steps"] == healing["best_step"] + 2 * 3
+    # the factors kept are those of the best held-out loss: recomputed here on the held-out batch
+    assert relative_distance(model, dense, other) == pytest.approx(healing["held_out_after"], rel=1e-9)
+    assert healing["held_out_after"] <= healing["held_out_before"]
+    # without a holdout the same run trains on every batch up to the step bound
+    model = block()
+    report = lowrank.compress(model, 0.4, calibration=[*train, other], allocation="uniform", heal_steps=40,
+                              heal_lr=0.05, progress=False)
+    assert report.healing["steps"] == 40 and report.healing["held_out_after"] is None
+    with pytest.raises(ValueError, match="HealConfig.holdout must be a share in \\[0, 1\\), got 1.0"):
+        lowrank.HealConfig(steps=1, holdout=1.0)
+    with pytest.raises(ValueError, match="heal_holdout=0.5 .* needs at least 2 batches, got 1"):
+        lowrank.compress(block(), 0.4, calibration=train[:1], heal_steps=5, heal_holdout=0.5, progress=False)
