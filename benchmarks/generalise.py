@@ -63,6 +63,8 @@ SETTINGS: dict[str, dict | None] = {
     "allocation=energy, refit=False, shrinkage=0.2": {"allocation": "energy", "refit": False, "shrinkage": 0.2},
     "allocation=energy, refit=False, shrinkage=0.5": {"allocation": "energy", "refit": False, "shrinkage": 0.5},
     "refit=False, shrinkage=0.5": {"refit": False, "shrinkage": 0.5},
+    "heal_seconds=300": {"heal_seconds": 300},
+    "heal_seconds=300, heal_holdout=0.25": {"heal_seconds": 300, "heal_holdout": 0.25},
 }
 
 
@@ -138,10 +140,18 @@ def evaluate(model: torch.nn.Module, tok, task_pairs: dict, dense_embeddings: di
 
 
 def compressed(dense: torch.nn.Module, tok, ratio: float, setting: dict | None, texts: list[str]) -> torch.nn.Module:
-    """A copy of ``dense`` with its encoder linears compressed to ``ratio`` under ``setting``."""
+    """A copy of ``dense`` with its encoder linears compressed to ``ratio`` under ``setting``.
+
+    The setting's ``heal_*`` entries go to ``compress`` (healing), the others to the ``CalibrationConfig``.
+    """
     model = copy.deepcopy(dense)
-    calibration = None if setting is None else lowrank.CalibrationConfig(texts, tokenizer=tok, **setting)
-    lowrank.compress(model, ratio=ratio, include=["encoder.*"], calibration=calibration, progress=False)
+    setting = setting or {}
+    heal = {key: value for key, value in setting.items() if key.startswith("heal_")}
+    calibration = None
+    if texts is not None:
+        fields = {key: value for key, value in setting.items() if key not in heal}
+        calibration = lowrank.CalibrationConfig(texts, tokenizer=tok, **fields)
+    lowrank.compress(model, ratio=ratio, include=["encoder.*"], calibration=calibration, progress=False, **heal)
     return model
 
 
@@ -153,8 +163,8 @@ def spread(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return text
 
 
-def run(ratios: list[float], names: list[str], seeds: list[int], log: Callable[[str], None]) -> str:
-    """Every (ratio, setting, seed) compressed and evaluated; the markdown table of the means and spreads."""
+def run(ratios: list[float], names: list[str], seeds: list[int], sizes: list[int], log: Callable[[str], None]) -> str:
+    """Every (ratio, setting, calibration size, seed) compressed and evaluated; the table of means and spreads."""
     torch.manual_seed(0)
     tok = minilm_task.tokenizer()
     dense = lowrank.io.load_pretrained(minilm_task.checkpoint_dir())
@@ -173,22 +183,24 @@ def run(ratios: list[float], names: list[str], seeds: list[int], log: Callable[[
     rows = [dense_row + [""]]
     log(" | ".join(f"{n}: {len(p)} pairs" for n, p in task_pairs.items()) + f" | calibration pool {len(pool)}")
     log(" | ".join(dense_row))
-    for ratio in ratios:
-        for setting_name in names:
-            setting = SETTINGS[setting_name]
-            per_seed = []
-            for seed in seeds if setting is not None else seeds[:1]:
-                texts = random.Random(seed).sample(pool, CALIBRATION_SIZE)
-                model = compressed(dense, tok, ratio, setting, texts)
-                per_seed.append(evaluate(model, tok, task_pairs, dense_embeddings))
-            row = [f"{ratio:g}", setting_name]
-            for name in task_pairs:
-                row += [spread([dense_results[name]["top1"] - r[name]["top1"] for r in per_seed]),
-                        spread([r[name]["mrr"] for r in per_seed], 1, 3),
-                        spread([r[name]["cosine"] for r in per_seed], 1, 3)]
-            row.append(spread([mean(dense_results[n]["top1"] - r[n]["top1"] for n in out_of_domain) for r in per_seed]))
-            rows.append(row)
-            log(" | ".join(row))
+    runs = [(ratio, name, size) for ratio in ratios for name in names
+            for size in (sizes if SETTINGS[name] is not None else sizes[:1])]
+    for ratio, setting_name, size in runs:
+        setting = SETTINGS[setting_name]
+        per_seed = []
+        for seed in seeds if setting is not None else seeds[:1]:
+            texts = random.Random(seed).sample(pool, min(size, len(pool)))
+            model = compressed(dense, tok, ratio, setting, None if setting is None else texts)
+            per_seed.append(evaluate(model, tok, task_pairs, dense_embeddings))
+        label = setting_name if setting is None or size == CALIBRATION_SIZE else f"{setting_name}, {size} paragraphs"
+        row = [f"{ratio:g}", label]
+        for name in task_pairs:
+            row += [spread([dense_results[name]["top1"] - r[name]["top1"] for r in per_seed]),
+                    spread([r[name]["mrr"] for r in per_seed], 1, 3),
+                    spread([r[name]["cosine"] for r in per_seed], 1, 3)]
+        row.append(spread([mean(dense_results[n]["top1"] - r[n]["top1"] for n in out_of_domain) for r in per_seed]))
+        rows.append(row)
+        log(" | ".join(row))
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                       *("| " + " | ".join(row) + " |" for row in rows)])
 
@@ -199,14 +211,16 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), metavar="SETTING",
                         help=f"rows to run, of: {', '.join(SETTINGS)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="calibration draws")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[CALIBRATION_SIZE],
+                        help=f"calibration paragraphs per draw (default {CALIBRATION_SIZE}; the pool has 469)")
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
-    table = run(args.ratios, args.settings, args.seeds, lambda line: print(line, flush=True))
+    table = run(args.ratios, args.settings, args.seeds, args.sizes, lambda line: print(line, flush=True))
     print("\n" + table)
     if args.record:
         record("generalise: MiniLM compressed with pydoc calibration, evaluated out of domain", table,
                f"Tasks and settings: see the script's docstring. {PAIRS_PER_TASK} pairs at most per task; "
-               f"{CALIBRATION_SIZE} calibration paragraphs per seed, seeds {args.seeds}; top-1 lost in points "
+               f"{args.sizes} calibration paragraphs per seed, seeds {args.seeds}; top-1 lost in points "
                "against dense, mean (min-max over the seeds); MRR and cosine to the dense embeddings likewise.")
 
 
