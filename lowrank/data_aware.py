@@ -113,7 +113,8 @@ class CalibrationConfig:
         With ``refit``, a ridge pulling each refitted second factor towards
         the one before the refit, relative to the mean diagonal of ``A G A^T``
         (:func:`lowrank.calibrate.refit_second`'s ``damping`` with ``prior``):
-        0 is the full refit, a large value no refit.
+        0 is the full refit, a large value no refit. The refit itself uses the
+        statistics unshrunk; ``shrinkage`` shapes the first factors.
     n_probes : int
         Output probes per batch for the ``"fisher"`` allocation's default loss.
     loss_fn : callable, optional
@@ -165,6 +166,9 @@ class CalibrationConfig:
             raise ValueError(f"CalibrationConfig.shrinkage must be a number in [0, 1], got {self.shrinkage!r}")
         if not (isinstance(self.ridge, (int, float)) and 0.0 <= self.ridge < float("inf")):
             raise ValueError(f"CalibrationConfig.ridge must be a finite number >= 0, got {self.ridge!r}")
+        if self.ridge and not self.refits:
+            raise ValueError(f"CalibrationConfig.ridge={self.ridge} pulls the refit, which does not run here: it "
+                             "needs refit=True, sequential=True, whiten=True and batches (not a callable)")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ValueError(f"CalibrationConfig.loss_fn must be a callable (model, batch) -> loss, "
                              f"got {self.loss_fn!r}")
@@ -251,9 +255,9 @@ class LinearPlan:
     skip_reason : str or None
         Why the layer stays dense.
     spectrum : torch.Tensor or None
-        The values the rank was chosen against, largest first: the singular
-        values of the whitened (or output-weighted) weight, or the square
-        roots of the ``"sensitivity"`` scores.
+        The values the rank was chosen against, in component order: the
+        singular values of the whitened (or output-weighted) weight, largest
+        first, or the square roots of the ``"sensitivity"`` scores.
     """
 
     name: str
@@ -466,7 +470,8 @@ def compress_linears(
 
     def spectrum(name: str, layer: nn.Module) -> torch.Tensor:
         if gradients is not None:
-            return first_order_scores(_weight64(layer), stats[name], gradients[name]).sqrt()
+            return first_order_scores(_weight64(layer), shrunk_to_diagonal(stats[name], config.shrinkage),
+                                      gradients[name]).sqrt()
         return layer_spectrum(layer, config.whiten, inputs[name], None if fisher is None else fisher.get(name),
                               config.shrinkage)
 

@@ -36,7 +36,10 @@ class HealConfig:
         distillation loss on them is measured, the factors of the best
         measurement are kept, and training stops after ``patience``
         measurements without improvement; the factors of the best are put
-        back at the end. 0: train on every batch until a bound is reached.
+        back at the end (the held-out batches inform the compression itself,
+        so this guards against overfitting the training batches, not the
+        calibration text's domain). 0: train on every batch until a bound is
+        reached.
     eval_every : int, optional
         Steps between held-out measurements (default: one pass over the
         training batches).
@@ -145,7 +148,8 @@ def heal(
     Returns
     -------
     HealReport
-        Steps, seconds, and the loss over all batches before and after.
+        Steps, seconds, and the loss over the training batches before and
+        after (all batches without a holdout; with one, the held-out loss too).
 
     """
     if not config.enabled:
@@ -185,14 +189,13 @@ def heal(
             optimizer.step()
             taken += 1
             bar.update()
-            if held and taken % eval_every == 0:
-                measured = _mean_loss(model, check, check_targets)
-                if measured < best:
-                    best, best_step, misses = measured, taken, 0
-                    best_factors = [p.detach().clone() for p in factors]
-                else:
-                    misses += 1
+            if held and (taken % eval_every == 0):
+                best, best_step, best_factors, misses = _measured(model, factors, check, check_targets, taken,
+                                                                  (best, best_step, best_factors, misses))
         bar.close()
+        if held and taken % eval_every:  # the steps after the last measurement are measured too
+            best, best_step, best_factors, misses = _measured(model, factors, check, check_targets, taken,
+                                                              (best, best_step, best_factors, misses))
         if held:
             with torch.no_grad():
                 for p, kept in zip(factors, best_factors):
@@ -201,6 +204,16 @@ def heal(
         held_after = _mean_loss(model, check, check_targets) if held else None
     return HealReport(taken, time.perf_counter() - start, before, after, held_before, held_after,
                       best_step if held else None, misses >= config.patience)
+
+
+def _measured(model: nn.Module, factors: list[nn.Parameter], batches: Sequence[CalibrationBatch],
+              targets: Sequence[torch.Tensor], step: int, state: tuple) -> tuple:
+    """One held-out measurement: ``(best, best_step, best_factors, misses)`` updated by the loss at ``step``."""
+    best, best_step, best_factors, misses = state
+    measured = _mean_loss(model, batches, targets)
+    if measured < best:
+        return measured, step, [p.detach().clone() for p in factors], 0
+    return best, best_step, best_factors, misses + 1
 
 
 def _mean_loss(model: nn.Module, batches: Sequence[CalibrationBatch], targets: Sequence[torch.Tensor]) -> float:

@@ -61,7 +61,7 @@ def plot_report(
     parameters it kept (line); the relative error of each layer's weight and,
     for data-aware compression, of its outputs on the calibration inputs; the
     spectra the ranks were chosen against (normalised by the largest value),
-    each with a dashed line at its rank.
+    each with a dashed line at its rank (a layer left dense has none).
 
     Parameters
     ----------
@@ -152,7 +152,7 @@ def _draw_errors(axis, report: CompressionReport) -> None:  # noqa: ANN001
 
 
 def _draw_spectra(axis, rows: Sequence[LayerReport]) -> None:  # noqa: ANN001
-    """Each row's spectrum over its largest value, on a log scale, with a dashed line at its rank."""
+    """Each row's spectrum over its largest value, on a log scale, with a dashed line at its rank (none if dense)."""
     if not rows:
         axis.text(0.5, 0.5, "no spectra recorded (data-aware compression, calibration=, records them)",
                   ha="center", va="center", transform=axis.transAxes)
@@ -161,10 +161,12 @@ def _draw_spectra(axis, rows: Sequence[LayerReport]) -> None:  # noqa: ANN001
     names = short_names([row.name for row in rows]) if len(rows) > 1 else [rows[0].name]
     for row, name, colour in zip(rows, names, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
                                                "tab:brown", "tab:pink", "tab:olive")):
-        top = row.spectrum[0] or 1.0
+        top = max(row.spectrum) or 1.0
+        kept = f"rank {row.rank} of {len(row.spectrum)}" if isinstance(row.rank, int) else "left dense"
         axis.semilogy(range(1, len(row.spectrum) + 1), [max(v / top, 1e-12) for v in row.spectrum], color=colour,
-                      label=f"{name} (rank {row.rank} of {len(row.spectrum)})")
-        axis.axvline(row.rank, color=colour, linestyle="--", linewidth=1)
+                      label=f"{name} ({kept})")
+        if isinstance(row.rank, int):
+            axis.axvline(row.rank, color=colour, linestyle="--", linewidth=1)
     axis.set_xlabel("component")
     axis.set_ylabel("value / largest")
     axis.legend(fontsize=8)

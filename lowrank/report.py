@@ -25,8 +25,8 @@ class LayerReport:
     ``relative_error`` is the weight's relative error; ``output_error`` (data-aware
     compression only) the relative error of the layer's outputs on the
     calibration inputs it received; ``spectrum`` (data-aware compression only)
-    the values its rank was chosen against, largest first (the whitened
-    weight's singular values, to 4 significant digits), where ``rank`` cuts.
+    the values its rank was chosen against, to 4 significant digits, where
+    ``rank`` cuts (the whitened weight's singular values, largest first).
     """
 
     name: str
@@ -56,7 +56,7 @@ class LayerReport:
                    skip_reason)
 
     def record_spectrum(self, values: torch.Tensor) -> None:
-        """Keep the values the rank was chosen against (largest first), to 4 significant digits."""
+        """Keep the values the rank was chosen against (in component order), to 4 significant digits."""
         self.spectrum = [float(f"{value:.4g}") for value in values.tolist()]
 
     def record(self, layer: nn.Module, module: FactorizedModule) -> None:

@@ -387,6 +387,12 @@ def test_bad_shrinkage_or_ridge_is_refused_by_name(field, value, message):
         lowrank.CalibrationConfig(calibration(), **{field: value})
 
 
+@pytest.mark.parametrize("settings", [{"refit": False}, {"sequential": False}, {"whiten": "asvd"}])
+def test_a_ridge_without_a_refit_is_refused(settings):
+    with pytest.raises(ValueError, match="CalibrationConfig.ridge=0.5 pulls the refit, which does not run here"):
+        lowrank.CalibrationConfig(calibration(), ridge=0.5, **settings)
+
+
 def relative_distance(model, reference, x):
     """The healing loss written out: mean squared difference over the dense output's mean square."""
     with torch.no_grad():
@@ -406,6 +412,14 @@ def test_early_stopping_keeps_the_factors_best_on_the_held_out_batches():
     # the factors kept are those of the best held-out loss: recomputed here on the held-out batch
     assert relative_distance(model, dense, other) == pytest.approx(healing["held_out_after"], rel=1e-9)
     assert healing["held_out_after"] <= healing["held_out_before"]
+    # a run that ends between two measurements is measured at its end: its training is not thrown away
+    model = block()
+    held_alike = correlated_inputs(64, seed=90)  # held out, but of the training batches' distribution
+    report = lowrank.compress(model, 0.4, calibration=[*train, held_alike], allocation="uniform", heal_steps=4,
+                              heal_lr=1e-3, heal_holdout=0.25, heal_eval_every=5, progress=False)
+    assert report.healing["best_step"] == 4 and report.healing["steps"] == 4
+    assert report.healing["held_out_after"] < report.healing["held_out_before"]
+    assert relative_distance(model, dense, held_alike) == pytest.approx(report.healing["held_out_after"], rel=1e-9)
     # without a holdout the same run trains on every batch up to the step bound
     model = block()
     report = lowrank.compress(model, 0.4, calibration=[*train, other], allocation="uniform", heal_steps=40,

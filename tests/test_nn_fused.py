@@ -73,8 +73,14 @@ def test_fused_groups_are_the_shared_inputs_and_outputs_do_not_change(kind):
     assert all(type(m) is LowRankLinear for n, m in fused.named_modules()
                if isinstance(m, LowRankLinear) and n not in fused_names)
     assert fused.state_dict().keys() == reference.state_dict().keys()
+    assert not any(m.training for m in fused.modules())  # the eval mode of the layers replaced is kept
     with torch.no_grad():
         torch.testing.assert_close(output(fused, batch(1)), output(reference, batch(1)), rtol=1e-5, atol=1e-6)
+    with torch.inference_mode():
+        torch.testing.assert_close(output(fused, batch(2)), output(reference, batch(2)), rtol=1e-5, atol=1e-6)
+    for group in groups:  # the groups really shared their GEMM, and hold nothing once every member took its part
+        shared = fused.get_submodule(group[0]).shared_input
+        assert shared.shared and shared._input is None
 
 
 def test_gradients_through_the_shared_gemm_equal_the_separate_ones():
@@ -133,6 +139,33 @@ def test_layers_called_on_different_inputs_stop_sharing_and_stay_right():
         torch.testing.assert_close(model(x, y), expected_cross)
         assert not model.q.shared_input.shared                 # the key read another tensor: no more sharing
         torch.testing.assert_close(model(x, y), expected_cross)
+
+
+def test_a_half_used_group_recomputes_after_a_factor_changed_in_place():
+    model = TwoInputs()
+    fuse_shared_inputs(model, torch.randn(2, 16))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        model.q(x)                         # the group now holds k's bottleneck of x, made with the old k.first
+        model.k.first.mul_(2.0)
+        plain = x @ model.k.first.T @ model.k.second.T + model.k.bias
+        torch.testing.assert_close(model.k(x), plain)
+
+
+def test_a_layer_outside_its_group_computes_on_its_own():
+    """A replica made by nn.DataParallel shares the group object but is not its member: it must not take a part."""
+    model = TwoInputs()
+    fuse_shared_inputs(model, torch.randn(2, 16))
+    replica = model.k._replicate_for_data_parallel()  # what DataParallel does on every device
+    assert replica.shared_input is model.k.shared_input
+    # DataParallel then gives the replica its own copies of the parameters (here: a different first factor)
+    replica.first, replica.second, replica.bias = model.k.first.detach() * 3, model.k.second, model.k.bias
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        model.q(x)                         # the group holds the original k's bottleneck of x
+        expected = x @ replica.first.T @ replica.second.T + replica.bias
+        torch.testing.assert_close(replica(x), expected)
+        assert model.q.shared_input.shared
 
 
 def test_copies_keep_the_link_and_drop_held_activations():

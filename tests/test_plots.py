@@ -5,6 +5,7 @@ the weight times the Cholesky factor of the layer's input Gram matrix, gathered 
 figure is checked for what it must show (a dashed cut at each drawn layer's rank, one bar per layer).
 """
 
+import dataclasses
 import json
 import sys
 
@@ -91,6 +92,16 @@ def test_the_figure_marks_each_cut_at_the_rank(calibrated, tmp_path):
         assert cut == row.rank and f"rank {row.rank} of {len(row.spectrum)}" in label
     chosen = report.plot(layers=[report.layers[1].name]).axes[2]
     assert [line.get_xdata()[0] for line in chosen.lines if line.get_linestyle() == "--"] == [report.layers[1].rank]
+
+
+def test_a_layer_left_dense_is_drawn_without_a_cut(calibrated):
+    _, _, report = calibrated
+    dense_row = dataclasses.replace(report.layers[0], rank=None, skip_reason="break-even")
+    edited = lowrank.CompressionReport([dense_row, *report.layers[1:]], report.settings)
+    axis = edited.plot(layers=[dense_row.name, report.layers[1].name]).axes[2]
+    labels = [line.get_label() for line in axis.lines if line.get_linestyle() != "--"]
+    assert labels[0].endswith("(left dense)") and f"(rank {report.layers[1].rank} of" in labels[1]
+    assert [line.get_xdata()[0] for line in axis.lines if line.get_linestyle() == "--"] == [report.layers[1].rank]
 
 
 def test_a_saved_report_keeps_its_spectra_and_the_cli_draws_it(calibrated, tmp_path, capsys):

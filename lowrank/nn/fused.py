@@ -38,7 +38,9 @@ class SharedInput:
     Notes
     -----
     A member called with the input held here takes its part; a member called with
-    another input (or a second time) computes the whole group's bottlenecks anew.
+    another input (or a second time, or after the input or a first factor was
+    changed in place, or in another gradient mode) computes the whole group's
+    bottlenecks anew.
     If that happens while parts are still untaken, the members evidently do not
     share their inputs in this model (cross-attention's query and key), and from
     then on each computes its own.
@@ -60,23 +62,40 @@ class SharedInput:
 
     def _clear(self) -> None:
         self._input: torch.Tensor | None = None
+        self._key: tuple = ()
         self._parts: tuple[torch.Tensor, ...] = ()
         self._taken: set[int] = set()
 
+    def _key_of(self, x: torch.Tensor) -> tuple:
+        """What the held bottlenecks depend on besides ``x`` itself: its version, the factors' versions, grad mode.
+
+        An inference tensor (made under ``torch.inference_mode``) has no version
+        counter, and cannot be changed in place outside that mode anyway.
+        """
+        version = None if x.is_inference() else x._version
+        return (version, torch.is_grad_enabled(), *(m.first._version for m in self.members))
+
     def bottleneck(self, member: FusedLowRankLinear, x: torch.Tensor) -> torch.Tensor:
-        """``x @ member.first.T``, computed with the whole group's first factors where that saves work."""
-        if not self.shared:
+        """``x @ member.first.T``, computed with the whole group's first factors where that saves work.
+
+        A layer that is not this group's member at its place (a replica made by
+        ``nn.DataParallel``, a copy made alone, a layer rebuilt after its
+        components were pruned) computes its own.
+        """
+        position = member.position
+        if not self.shared or position >= len(self.members) or self.members[position] is not member:
             return F.linear(x, member.first)
-        if self._input is not x or member.position in self._taken:
+        key = self._key_of(x)
+        if self._input is not x or self._key != key or position in self._taken:
             if self._input is not None and len(self._taken) < len(self.members):
                 self.shared = False
                 self._clear()
                 return F.linear(x, member.first)
             stacked = torch.cat([m.first for m in self.members])
             self._parts = F.linear(x, stacked).split([m.rank for m in self.members], dim=-1)
-            self._input, self._taken = x, set()
-        self._taken.add(member.position)
-        part = self._parts[member.position]
+            self._input, self._key, self._taken = x, key, set()
+        self._taken.add(position)
+        part = self._parts[position]
         if len(self._taken) == len(self.members):
             self._clear()
         return part
@@ -122,11 +141,15 @@ class FusedLowRankLinear(LowRankLinear):
 
     @classmethod
     def from_low_rank(cls, layer: LowRankLinear, siblings: Sequence[str], position: int) -> FusedLowRankLinear:
-        """The same layer, its parameters (the very tensors) taken over, as member ``position`` of ``siblings``."""
+        """The same layer as member ``position`` of ``siblings``, its parameters (the very tensors) and mode taken over.
+
+        Hooks registered on ``layer`` are not carried over.
+        """
         fused = cls(layer.in_features, layer.out_features, layer.rank, layer.bias is not None, layer.dense_type,
                     siblings, position, device="meta")
         fused.first, fused.second, fused.bias = layer.first, layer.second, layer.bias
         fused.rank_dropout = layer.rank_dropout
+        fused.train(layer.training)
         return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
