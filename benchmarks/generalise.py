@@ -63,6 +63,10 @@ SETTINGS: dict[str, dict | None] = {
     "allocation=energy, refit=False, shrinkage=0.2": {"allocation": "energy", "refit": False, "shrinkage": 0.2},
     "allocation=energy, refit=False, shrinkage=0.5": {"allocation": "energy", "refit": False, "shrinkage": 0.5},
     "refit=False, shrinkage=0.5": {"refit": False, "shrinkage": 0.5},
+    "shrinkage=1": {"shrinkage": 1.0},
+    "refit=False, shrinkage=1": {"refit": False, "shrinkage": 1.0},
+    "allocation=energy, refit=False, shrinkage=1": {"allocation": "energy", "refit": False, "shrinkage": 1.0},
+    'allocation=energy, whiten="asvd"': {"allocation": "energy", "whiten": "asvd"},
     "heal_seconds=300": {"heal_seconds": 300},
     "heal_seconds=300, heal_holdout=0.25": {"heal_seconds": 300, "heal_holdout": 0.25},
 }
