@@ -1,7 +1,7 @@
 """Calibrated compression time of the bundled MiniLM, as a multiple of one pass of the dense model.
 
 ``lowrank.compress(model, ratio, calibration=texts, tokenizer=tok)`` with the
-defaults (fisher allocation, sequential, refit) at ratios 0.8 and 0.5, on the
+defaults (energy allocation, sequential, whitened, no refit) at ratios 0.8 and 0.5, on the
 256 pydoc calibration paragraphs of ``examples/minilm_task.py`` (16 batches of
 16, at most 128 tokens), against the anchors measured in the same process on
 the same batches: one dense forward pass, and one forward + backward pass (the
@@ -166,7 +166,8 @@ def main() -> None:
         note = (f"Bundled all-MiniLM-L6-v2 (37 linears targeted), {len(batches)} batches of the {args.texts} pydoc "
                 f"calibration paragraphs of examples/minilm_task.py ({tokens:,} real tokens, at most 128 per text), "
                 f"defaults of `lowrank.compress(model, ratio, calibration=CalibrationConfig(texts, tokenizer=tok))` "
-                f"(fisher allocation, sequential, whitened, refit). Anchors on the same batches in the same process: "
+                f"(energy allocation, sequential, whitened, no refit). Anchors on the same batches in the same "
+                f"process: "
                 f"the dense model's forward pass, and forward + backward of the mean square of its last hidden "
                 f"states. Medians of {args.repeats} alternating repeats. 'Whole model': the path that runs the "
                 f"model up to each layer group (what compress did before). Then where the time goes.")

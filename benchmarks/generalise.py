@@ -69,6 +69,9 @@ SETTINGS: dict[str, dict | None] = {
     'allocation=energy, whiten="asvd"': {"allocation": "energy", "whiten": "asvd"},
     "heal_seconds=300": {"heal_seconds": 300},
     "heal_seconds=300, heal_holdout=0.25": {"heal_seconds": 300, "heal_holdout": 0.25},
+    "allocation=energy, refit=False, heal_seconds=300": {"allocation": "energy", "refit": False, "heal_seconds": 300},
+    "allocation=energy, refit=False, heal_seconds=300, heal_holdout=0.25": {
+        "allocation": "energy", "refit": False, "heal_seconds": 300, "heal_holdout": 0.25},
 }
 
 

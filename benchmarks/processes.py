@@ -1,7 +1,7 @@
 """Calibrated compression of the bundled MiniLM with 1 and 2 processes (torchrun, gloo): time and equal outputs.
 
 Each run is ``torchrun --standalone --nproc_per_node N -m lowrank.cli compress MINILM -o OUT --ratio R
---calibration calib.txt --quiet`` (the defaults: fisher allocation, block by block, refit) on the 256 pydoc
+--calibration calib.txt --quiet`` (the defaults: energy allocation, block by block, no refit) on the 256 pydoc
 calibration paragraphs of ``examples/minilm_task.py``, with the machine's cores divided among the processes
 (``OMP_NUM_THREADS``), repeated in alternation. The outputs of the two are compared: the ranks chosen and the
 embeddings of held-out retrieval documents.
@@ -79,7 +79,8 @@ def main() -> None:
     print(table)
     if args.record:
         note = (f"`torchrun --standalone --nproc_per_node N -m lowrank.cli compress MINILM -o OUT --ratio "
-                f"{args.ratio} --calibration calib.txt --quiet` (defaults: fisher allocation, block by block, refit; "
+                f"{args.ratio} --calibration calib.txt --quiet` (defaults: energy allocation, block by block, "
+                f"no refit; "
                 f"256 pydoc paragraphs in 16 batches), gloo, the {os.cpu_count()} cores divided among the processes, "
                 f"medians of {args.repeats} alternating runs, each including the interpreter's start and the save. "
                 f"Outputs compared on 128 held-out retrieval documents.")

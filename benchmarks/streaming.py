@@ -134,7 +134,7 @@ def main() -> None:
                 f"fresh interpreter: the kernel's high-water mark of resident memory (VmHWM, reset after importing "
                 f"torch, transformers and lowrank) minus the resident memory then (getrusage's ru_maxrss survives "
                 f"fork and exec and would report this benchmark's own peak). Streamed: the CLI's default on a "
-                f"sharded SRC (energy allocation, sequential, refit); in memory: `--no-stream` (fisher allocation).")
+                f"sharded SRC (energy allocation, sequential, whitened, no refit); in memory: `--no-stream`.")
         record("streaming: peak memory of compressing a sharded checkpoint", table, note)
 
 

@@ -29,9 +29,9 @@ from lowrank.rank.policies import ACCEPTED_FORMS
 
 # The compress options that only calibration uses: CalibrationConfig's fields (None when not given), and flags.
 CALIBRATION_OPTIONS = {
-    "allocation": "--allocation", "whiten": "--no-whiten/--asvd", "refit": "--no-refit", "shrinkage": "--shrinkage",
-    "ridge": "--ridge", "sequential": "--no-sequential", "n_probes": "--probes", "batch_size": "--batch-size",
-    "max_length": "--max-length", "device": "--device",
+    "allocation": "--allocation", "whiten": "--no-whiten/--asvd", "refit": "--refit/--no-refit",
+    "shrinkage": "--shrinkage", "ridge": "--ridge", "sequential": "--no-sequential", "n_probes": "--probes",
+    "batch_size": "--batch-size", "max_length": "--max-length", "device": "--device",
 }
 
 
@@ -100,14 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     com.add_argument(  # "sensitivity" needs a loss function, which a command line cannot give
         "--allocation", choices=[name for name in ALLOCATIONS if name != "sensitivity"],
-        help="how --ratio is spent across layers with --calibration (default fisher)",
+        help="how --ratio is spent across layers with --calibration (default energy)",
     )
     com.add_argument("--no-whiten", dest="whiten", action="store_const", const=False,
                      help="with --calibration: truncate the weights themselves, not the whitened weights")
     com.add_argument("--asvd", dest="whiten", action="store_const", const="asvd",
                      help="with --calibration: scale input channels by their mean activation (ASVD), not whiten")
+    com.add_argument("--refit", dest="refit", action="store_const", const=True,
+                     help="with --calibration: refit the second factors to the dense outputs (closer on the "
+                          "calibration text, further on other text)")
     com.add_argument("--no-refit", dest="refit", action="store_const", const=False,
-                     help="with --calibration: do not refit the second factors to the dense outputs")
+                     help="with --calibration: do not refit the second factors (the default)")
     com.add_argument("--shrinkage", type=float, metavar="S",
                      help="with --calibration: whiten by the input Gram matrices pulled towards their diagonal by S "
                           "in [0, 1] (default 0)")

@@ -91,7 +91,9 @@ class CalibrationConfig:
         The checkpoint's tokenizer, for texts (init-only).
     allocation : {"uniform", "energy", "fisher", "sensitivity"}, optional
         How a ``ratio`` is spent across layers (see :func:`compress_linears`);
-        None: ``"fisher"`` with a ratio, each layer on its own with a rank policy.
+        None: ``"energy"`` with a ratio (the best out of the calibration text's
+        domain, ``benchmarks/generalise.py``), each layer on its own with a
+        rank policy.
     whiten : {True, False, "asvd"}
         Truncate the whitened weight (True), the weight with its input
         channels scaled by their mean activation (``"asvd"``, cheaper), or the
@@ -103,7 +105,8 @@ class CalibrationConfig:
         With ``sequential`` and whitening, refit each second factor in closed
         form so the layer, fed by the compressed layers before it, reproduces
         the dense layer's outputs (keeps a dense copy of the model during the
-        call); batches only.
+        call); batches only. Off by default: it fits the calibration text
+        closer and other text worse (``benchmarks/generalise.py``).
     shrinkage : float
         Whiten by the input Gram matrix pulled towards its diagonal,
         ``(1 - shrinkage) G + shrinkage diag(G)``, in [0, 1]: the spectra and
@@ -146,7 +149,7 @@ class CalibrationConfig:
     allocation: str | None = None
     whiten: bool | str = True
     sequential: bool = True
-    refit: bool = True
+    refit: bool = False
     shrinkage: float = 0.0
     ridge: float = 0.0
     n_probes: int = 1
@@ -199,7 +202,7 @@ class CalibrationConfig:
         return self.refit and self.sequential and self.whiten is True and not self.runs_itself
 
     def allocation_for(self, budget: bool) -> str:
-        """The allocation that runs: the one asked for, else ``"fisher"`` for a budget and ``"uniform"`` for a policy.
+        """The allocation that runs: the one asked for, else ``"energy"`` for a budget and ``"uniform"`` for a policy.
 
         Raises
         ------
@@ -208,12 +211,12 @@ class CalibrationConfig:
             one that backpropagates through batches for a callable calibration.
 
         """
-        allocation = self.allocation or ("fisher" if budget else "uniform")
+        allocation = self.allocation or ("energy" if budget else "uniform")
         if not budget and allocation != "uniform":
             raise ValueError(f"allocation={allocation!r} spends a budget: give ratio=, or allocation='uniform'")
         if self.runs_itself and allocation in ("fisher", "sensitivity"):
             raise ValueError(f"a callable calibration runs the model itself: it does not support allocation="
-                             f"{allocation!r} (the default with a ratio); give texts or batches, or another allocation")
+                             f"{allocation!r}; give texts or batches, or another allocation")
         return allocation
 
     def to(self, device: torch.device | str | None) -> CalibrationConfig:
@@ -410,8 +413,8 @@ def compress_linears(
         The ``nn.Linear`` / Hugging Face ``Conv1D`` layers to compress, by name.
     config : CalibrationConfig
         The calibration batches (on the model's device) and settings. Its
-        ``allocation`` says how ``ratio`` is spent (see :func:`choose_ranks`);
-        ``"fisher"`` (the default with a ratio) weights each layer's outputs by
+        ``allocation`` says how ``ratio`` is spent (see :func:`choose_ranks`;
+        ``"energy"`` by default); ``"fisher"`` weights each layer's outputs by
         the Fisher of the model's output
         (:func:`lowrank.calibrate.collect_output_fisher`, ``n_probes`` probes
         per batch; or of ``loss_fn``), so that a component's score estimates

@@ -76,8 +76,8 @@ def compressed_both_ways(make, monkeypatch, **settings):
     return blockwise, blockwise_report, whole, whole_report
 
 
-@pytest.mark.parametrize("settings", [{}, {"allocation": "energy"}, {"refit": False}, {"whiten": "asvd"}],
-                         ids=["default", "energy", "no-refit", "asvd"])
+@pytest.mark.parametrize("settings", [{}, {"allocation": "fisher", "refit": True}, {"refit": True}, {"whiten": "asvd"}],
+                         ids=["default", "fisher-refit", "refit", "asvd"])
 @pytest.mark.parametrize("kind", MODELS)
 def test_block_by_block_equals_the_whole_model_path(kind, settings, monkeypatch):
     make, path = MODELS[kind]

@@ -112,11 +112,13 @@ def test_compress_with_calibration_text_and_a_rank_policy(minilm_dir, tmp_path, 
     out = tmp_path / "calibrated"
     code = main(["compress", minilm_dir, "-o", str(out), "--ratio", "0.8", "--targets", "encoder.layer.0.*",
                  "--calibration", str(calibration), "--allocation", "energy", "--batch-size", "3", "--shrinkage", "0.2",
+                 "--refit",
                  "--ridge", "0.5", "--quiet"])
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "lowrank.json").read_text())["report"]
     assert report["settings"]["calibration"]["allocation"] == "energy" and report["settings"]["calibration"]["whiten"]
     assert (report["settings"]["calibration"]["shrinkage"], report["settings"]["calibration"]["ridge"]) == (0.2, 0.5)
+    assert report["settings"]["calibration"]["refit"] is True
     assert report["settings"]["calibration"]["batches"] == 3  # 8 lines, 3 per batch
     assert report["ratio"] <= 0.8
     assert all(row["output_error"] is not None for row in report["layers"] if row["skip_reason"] is None)

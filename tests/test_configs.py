@@ -104,7 +104,7 @@ def test_configs_check_their_values_when_made(make, message):
          "allocation='fisher' spends a budget: give ratio=, or allocation='uniform'"),
         ({"calibration": lambda model: None, "allocation": "energy", "heal_seconds": 1.0},
          "a callable calibration runs the model itself: it does not support healing"),
-        ({"calibration": lambda model: None}, "it does not support allocation='fisher' \\(the default with a ratio\\)"),
+        ({"calibration": lambda model: None, "allocation": "fisher"}, "it does not support allocation='fisher'"),
         ({"ratio": 1.0}, "ratio must be a fraction in \\(0, 1\\), got 1.0"),
     ],
 )
@@ -148,8 +148,8 @@ def test_knobs_that_were_out_of_reach_reach_their_steps(monkeypatch):
 
     monkeypatch.setattr(lowrank.data_aware, "collect_output_fisher", spy)
     monkeypatch.setattr(torch.optim, "Adam", spy_adam)
-    report = lowrank.compress(mlp(), 0.5, calibration=batches(), n_probes=3, heal_steps=2, heal_lr=5e-3,
-                              progress=False)
+    report = lowrank.compress(mlp(), 0.5, calibration=batches(), allocation="fisher", n_probes=3, heal_steps=2,
+                              heal_lr=5e-3, progress=False)
     assert seen == {"n_probes": 3, "lr": 5e-3}
     assert report.settings["calibration"]["n_probes"] == 3 and report.settings["heal"]["lr"] == 5e-3
 
@@ -177,7 +177,7 @@ def test_configs_are_checked_for_their_type_and_batches_are_not_reshaped_after_t
 
 def test_the_report_records_the_allocation_that_ran():
     assert lowrank.compress(mlp(), 0.5, calibration=batches(), progress=False).settings["calibration"][
-        "allocation"] == "fisher"
+        "allocation"] == "energy"
     assert lowrank.compress(mlp(), rank=4, calibration=batches(), progress=False).settings["calibration"][
         "allocation"] == "uniform"
 

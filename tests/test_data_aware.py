@@ -337,7 +337,7 @@ def test_a_layer_the_output_does_not_depend_on_keeps_its_own_ratio():
 
     torch.manual_seed(0)
     model = WithPooler().double().eval()
-    report = lowrank.compress(model, 0.45, calibration=calibration(), progress=False)
+    report = lowrank.compress(model, 0.45, calibration=calibration(), allocation="fisher", progress=False)
     pooler = next(row for row in report.layers if row.name == "pooler")
     assert pooler.replaced and pooler.params_after <= 0.45 * pooler.params_before
     assert report.params_after <= 0.45 * report.params_before
@@ -364,8 +364,9 @@ def test_full_shrinkage_whitens_by_the_input_channels_norms_alone():
 def test_a_large_ridge_keeps_the_unrefitted_factors_and_none_is_the_full_refit():
     data = calibration()
     runs = {}
-    for label, settings in {"refit": {}, "ridge 0": {"ridge": 0.0}, "huge ridge": {"ridge": 1e9},
-                            "no refit": {"refit": False}, "some ridge": {"ridge": 0.5}}.items():
+    for label, settings in {"refit": {"refit": True}, "ridge 0": {"refit": True, "ridge": 0.0},
+                            "huge ridge": {"refit": True, "ridge": 1e9}, "no refit": {},
+                            "some ridge": {"refit": True, "ridge": 0.5}}.items():
         model = block()
         lowrank.compress(model, 0.6, calibration=data, allocation="uniform", progress=False, **settings)
         runs[label] = torch.cat([m.second.detach().flatten() for m in model.modules() if isinstance(m, LowRankLinear)])

@@ -15,7 +15,8 @@ from lowrank.sharded import INDEX_NAME, CheckpointReader, empty_model
 
 SETTINGS = {
     "plain": {},
-    "calibrated": {"calibration": token_batches()},  # streamed default: energy allocation, sequential, refit
+    "calibrated": {"calibration": token_batches()},  # the default: energy allocation, sequential, no refit
+    "calibrated-refit": {"calibration": token_batches(), "refit": True},
     "uniform-asvd": {"calibration": token_batches(), "allocation": "uniform", "whiten": "asvd"},
 }
 

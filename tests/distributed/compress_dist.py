@@ -26,7 +26,7 @@ BATCHES = 5  # not a multiple of the process count: the shares differ in size
 
 
 def compress_in_memory(path: str) -> dict:
-    """Compress the seeded BERT with the defaults (fisher allocation, sequential, refit) along ``path``."""
+    """Compress the seeded BERT with the fisher allocation and the refit (every collective) along ``path``."""
     torch.manual_seed(0)
     model = bert().eval()
     passes = []  # batches run through the embeddings by this process
@@ -35,7 +35,8 @@ def compress_in_memory(path: str) -> dict:
     if path == "whole model":
         lowrank.data_aware._blockwise_plan = lambda *args: None
     try:
-        report = lowrank.compress(model, 0.6, calibration=token_batches(count=BATCHES), progress=False)
+        report = lowrank.compress(model, 0.6, calibration=token_batches(count=BATCHES), allocation="fisher",
+                                  refit=True, progress=False)
     finally:
         lowrank.data_aware._blockwise_plan = original
     return {"rows": [(row.name, row.rank, row.output_error) for row in report.layers],
