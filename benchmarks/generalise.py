@@ -47,28 +47,31 @@ CANDIDATES = 50
 CALIBRATION_SIZE = 256
 SIGNATURE = re.compile(r"^[\w.]+\(.*\)")  # a docstring that starts with its signature (numpy's ufuncs)
 
-# name -> compress() keyword arguments besides the calibration (None: no calibration at all)
+# name -> compress() keyword arguments besides the calibration (None: no calibration at all). Every row names its
+# allocation and refit: "default" is whatever lowrank's defaults are (energy allocation, no refit, since issue 15;
+# the fisher allocation with the refit before).
+FISHER_REFIT = {"allocation": "fisher", "refit": True}
 SETTINGS: dict[str, dict | None] = {
     "plain SVD (no calibration)": None,
     "default": {},
-    "allocation=uniform": {"allocation": "uniform"},
-    "allocation=energy": {"allocation": "energy"},
-    "refit=False": {"refit": False},
+    "fisher, refit (the default before issue 15)": FISHER_REFIT,
+    "allocation=uniform, refit": {"allocation": "uniform", "refit": True},
+    "allocation=energy, refit": {"allocation": "energy", "refit": True},
+    "allocation=fisher, refit=False": {"allocation": "fisher", "refit": False},
     "allocation=energy, refit=False": {"allocation": "energy", "refit": False},
-    "sequential=False, refit=False": {"sequential": False, "refit": False},
-    'whiten="asvd"': {"whiten": "asvd"},
-    "shrinkage=0.2": {"shrinkage": 0.2},
-    "shrinkage=0.5": {"shrinkage": 0.5},
-    "ridge=1": {"ridge": 1.0},
+    "fisher, sequential=False, refit=False": {"allocation": "fisher", "sequential": False, "refit": False},
+    'fisher, whiten="asvd"': {"allocation": "fisher", "whiten": "asvd"},
+    'allocation=energy, whiten="asvd"': {"allocation": "energy", "whiten": "asvd"},
+    "fisher, refit, shrinkage=0.2": {**FISHER_REFIT, "shrinkage": 0.2},
+    "fisher, refit, shrinkage=0.5": {**FISHER_REFIT, "shrinkage": 0.5},
+    "fisher, refit, shrinkage=1": {**FISHER_REFIT, "shrinkage": 1.0},
+    "fisher, refit=False, shrinkage=0.5": {"allocation": "fisher", "refit": False, "shrinkage": 0.5},
+    "fisher, refit=False, shrinkage=1": {"allocation": "fisher", "refit": False, "shrinkage": 1.0},
     "allocation=energy, refit=False, shrinkage=0.2": {"allocation": "energy", "refit": False, "shrinkage": 0.2},
     "allocation=energy, refit=False, shrinkage=0.5": {"allocation": "energy", "refit": False, "shrinkage": 0.5},
-    "refit=False, shrinkage=0.5": {"refit": False, "shrinkage": 0.5},
-    "shrinkage=1": {"shrinkage": 1.0},
-    "refit=False, shrinkage=1": {"refit": False, "shrinkage": 1.0},
     "allocation=energy, refit=False, shrinkage=1": {"allocation": "energy", "refit": False, "shrinkage": 1.0},
-    'allocation=energy, whiten="asvd"': {"allocation": "energy", "whiten": "asvd"},
-    "heal_seconds=300": {"heal_seconds": 300},
-    "heal_seconds=300, heal_holdout=0.25": {"heal_seconds": 300, "heal_holdout": 0.25},
+    "fisher, refit, ridge=1": {**FISHER_REFIT, "ridge": 1.0},
+    "fisher, refit, heal_seconds=300": {**FISHER_REFIT, "heal_seconds": 300},
     "allocation=energy, refit=False, heal_seconds=300": {"allocation": "energy", "refit": False, "heal_seconds": 300},
     "allocation=energy, refit=False, heal_seconds=300, heal_holdout=0.25": {
         "allocation": "energy", "refit": False, "heal_seconds": 300, "heal_holdout": 0.25},
