@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"with --calibration: the learning rate of healing (default {heal.lr:g})")
     com.add_argument("--heal-holdout", type=float, default=heal.holdout, metavar="SHARE",
                      help="with --calibration: hold out this share of the calibration batches and stop healing when "
-                          f"their loss stops improving, keeping the best factors (default {heal.holdout:g}: none)")
+                          f"their loss stops improving, keeping the best factors (default {heal.holdout:g}; 0: none)")
     com.add_argument(
         "--stream", action=argparse.BooleanOptionalAction, default=None,
         help="read, compress and write one block at a time (peak memory about one block; allocation energy or "

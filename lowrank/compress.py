@@ -165,7 +165,8 @@ def compress(
                          "give texts or batches")
     if heal.enabled and heal.holdout and len(calibrated.data) < 2:
         raise ValueError(f"heal_holdout={heal.holdout} holds out calibration batches to stop early on: it needs at "
-                         f"least 2 batches, got {len(calibrated.data)}")
+                         f"least 2 batches, got {len(calibrated.data)} (heal_holdout=0 heals on it without stopping "
+                         "early)")
     selected = targets.select(model)
     report = CompressionReport(settings=_settings(policy, rank, energy, methods, targets, calibrated, heal))
     calibrated_layers: dict[str, nn.Module] = {}

@@ -40,7 +40,7 @@ def test_shortcuts_build_the_same_configs_as_the_configs():
     torch.testing.assert_close(by_keywords(x), by_configs(x), rtol=0, atol=0)
     # the report's settings are the configs' own dict forms
     assert a.settings["targets"] == Targets(include=("0", "2")).to_dict()
-    assert a.settings["heal"] == {"steps": 3, "seconds": None, "lr": 1e-3, "holdout": 0.0, "eval_every": None,
+    assert a.settings["heal"] == {"steps": 3, "seconds": None, "lr": 1e-3, "holdout": 0.25, "eval_every": None,
                                   "patience": 3}
     assert a.settings["calibration"]["allocation"] == "energy" and a.settings["calibration"]["batches"] == 3
     assert a.healing["steps"] == 3

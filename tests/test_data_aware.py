@@ -197,7 +197,7 @@ def test_healing_trains_only_the_factors_and_lowers_the_distillation_loss():
     data = calibration(batches=2)
     frozen = {name: p.detach().clone() for name, p in model.named_parameters()}
     report = lowrank.compress(model, 0.3, calibration=data, allocation="uniform", heal_steps=40, progress=False)
-    assert report.settings["heal"] == {"steps": 40, "seconds": None, "lr": 1e-4, "holdout": 0.0, "eval_every": None,
+    assert report.settings["heal"] == {"steps": 40, "seconds": None, "lr": 1e-4, "holdout": 0.25, "eval_every": None,
                                        "patience": 3}
     healed = report.healing
     assert healed["steps"] == 40 and healed["loss_after"] < healed["loss_before"]
@@ -424,7 +424,7 @@ def test_early_stopping_keeps_the_factors_best_on_the_held_out_batches():
     # without a holdout the same run trains on every batch up to the step bound
     model = block()
     report = lowrank.compress(model, 0.4, calibration=[*train, other], allocation="uniform", heal_steps=40,
-                              heal_lr=0.05, progress=False)
+                              heal_lr=0.05, heal_holdout=0, progress=False)
     assert report.healing["steps"] == 40 and report.healing["held_out_after"] is None
     with pytest.raises(ValueError, match="HealConfig.holdout must be a share in \\[0, 1\\), got 1.0"):
         lowrank.HealConfig(steps=1, holdout=1.0)
