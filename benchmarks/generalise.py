@@ -125,21 +125,13 @@ def calibration_pool() -> list[str]:
     return minilm_task.calibration_texts(count=10**6)
 
 
-def retrieval_scores(queries: torch.Tensor, documents: torch.Tensor) -> dict[str, float]:
-    """Top-1 and MRR of each query's own document among the :data:`CANDIDATES` of its group."""
-    group = torch.arange(len(queries)) // CANDIDATES
-    similarity = (queries @ documents.T).masked_fill(group[:, None] != group[None, :], -2.0)
-    ranks = (similarity > similarity.diagonal().unsqueeze(1)).sum(1) + 1
-    return {"top1": float((ranks == 1).double().mean()), "mrr": float((1.0 / ranks.double()).mean())}
-
-
 def evaluate(model: torch.nn.Module, tok, task_pairs: dict, dense_embeddings: dict | None) -> dict[str, dict]:
     """Per task: top-1, MRR, and (given the dense model's embeddings) the mean cosine to them."""
     results = {}
     for name, pairs in task_pairs.items():
         queries = minilm_task.embed(model, tok, [q for q, _ in pairs])
         documents = minilm_task.embed(model, tok, [d for _, d in pairs])
-        scores = retrieval_scores(queries, documents)
+        scores = minilm_task.retrieval_scores(queries, documents, CANDIDATES)
         if dense_embeddings is not None:
             dense_q, dense_d = dense_embeddings[name]
             scores["cosine"] = float(torch.cat([(queries * dense_q).sum(1), (documents * dense_d).sum(1)]).mean())

@@ -174,16 +174,15 @@ def heal(
     check, check_targets = batches[len(batches) - held:], targets[len(targets) - held:]
     eval_every = config.eval_every or len(train)
     start = time.perf_counter()
-    taken = misses = 0
+    taken = 0
     with train_only(model, factors), eval_mode(model):
         before = _mean_loss(model, train, train_targets)
-        held_before = best = _mean_loss(model, check, check_targets) if held else None
-        best_step, best_factors = 0, [p.detach().clone() for p in factors] if held else None
+        stopping = _EarlyStopping(model, factors, check, check_targets, config.patience) if held else None
         optimizer = torch.optim.Adam(factors, lr=config.lr)
         bar = tqdm(total=config.steps or None, desc="lowrank.heal", unit="step", disable=not progress)
         while (not config.steps or taken < config.steps) and (
             config.seconds is None or time.perf_counter() - start < config.seconds
-        ) and misses < config.patience:
+        ) and not (stopping and stopping.out_of_patience):
             batch = train[taken % len(train)]
             loss = _distance(model_output_tensor(batch.run(model)), train_targets[taken % len(train)], batch.token_mask)
             optimizer.zero_grad(set_to_none=True)
@@ -191,31 +190,49 @@ def heal(
             optimizer.step()
             taken += 1
             bar.update()
-            if held and (taken % eval_every == 0):
-                best, best_step, best_factors, misses = _measured(model, factors, check, check_targets, taken,
-                                                                  (best, best_step, best_factors, misses))
+            if stopping and taken % eval_every == 0:
+                stopping.measure(taken)
         bar.close()
-        if held and taken % eval_every:  # the steps after the last measurement are measured too
-            best, best_step, best_factors, misses = _measured(model, factors, check, check_targets, taken,
-                                                              (best, best_step, best_factors, misses))
-        if held:
-            with torch.no_grad():
-                for p, kept in zip(factors, best_factors):
-                    p.copy_(kept)
+        if stopping:
+            if taken % eval_every:  # the steps after the last measurement are measured too
+                stopping.measure(taken)
+            stopping.restore_best()
         after = _mean_loss(model, train, train_targets)
         held_after = _mean_loss(model, check, check_targets) if held else None
-    return HealReport(taken, time.perf_counter() - start, before, after, held_before, held_after,
-                      best_step if held else None, misses >= config.patience)
+    if stopping is None:
+        return HealReport(taken, time.perf_counter() - start, before, after)
+    return HealReport(taken, time.perf_counter() - start, before, after, stopping.first, held_after,
+                      stopping.best_step, stopping.out_of_patience)
 
 
-def _measured(model: nn.Module, factors: list[nn.Parameter], batches: Sequence[CalibrationBatch],
-              targets: Sequence[torch.Tensor], step: int, state: tuple) -> tuple:
-    """One held-out measurement: ``(best, best_step, best_factors, misses)`` updated by the loss at ``step``."""
-    best, best_step, best_factors, misses = state
-    measured = _mean_loss(model, batches, targets)
-    if measured < best:
-        return measured, step, [p.detach().clone() for p in factors], 0
-    return best, best_step, best_factors, misses + 1
+class _EarlyStopping:
+    """The held-out loss of healing, measured now and then: the best factors so far, and patience left."""
+
+    def __init__(self, model: nn.Module, factors: list[nn.Parameter], batches: Sequence[CalibrationBatch],
+                 targets: Sequence[torch.Tensor], patience: int) -> None:
+        self.model, self.factors, self.batches, self.targets, self.patience = model, factors, batches, targets, patience
+        self.first = self.best = _mean_loss(model, batches, targets)
+        self.best_step, self.best_factors, self.misses = 0, [p.detach().clone() for p in factors], 0
+
+    @property
+    def out_of_patience(self) -> bool:
+        """Whether ``patience`` measurements in a row brought no improvement."""
+        return self.misses >= self.patience
+
+    def measure(self, step: int) -> None:
+        """Measure the held-out loss after ``step`` steps; keep the factors if it is the best yet."""
+        measured = _mean_loss(self.model, self.batches, self.targets)
+        if measured < self.best:
+            self.best, self.best_step, self.misses = measured, step, 0
+            self.best_factors = [p.detach().clone() for p in self.factors]
+        else:
+            self.misses += 1
+
+    def restore_best(self) -> None:
+        """Put the best measurement's factors back into the model."""
+        with torch.no_grad():
+            for p, kept in zip(self.factors, self.best_factors):
+                p.copy_(kept)
 
 
 def _mean_loss(model: nn.Module, batches: Sequence[CalibrationBatch], targets: Sequence[torch.Tensor]) -> float:

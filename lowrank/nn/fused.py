@@ -250,15 +250,15 @@ def fuse_shared_inputs(model: nn.Module, *args: Any, **kwargs: Any) -> list[list
     finally:
         for handle in handles:
             handle.remove()
-    groups: dict[tuple[str, int], list[str]] = {}
+    by_input: dict[tuple[str, int], list[str]] = {}
     for name, x in calls.items():
-        groups.setdefault((name.rpartition(".")[0], id(x)), []).append(name)
+        by_input.setdefault((name.rpartition(".")[0], id(x)), []).append(name)
+    groups = [names for names in by_input.values() if len(names) > 1]
     replacements = []
-    for names in groups.values():
-        if len(names) > 1:
-            siblings = [name.rpartition(".")[2] for name in names]
-            replacements += [(name, FusedLowRankLinear.from_low_rank(model.get_submodule(name), siblings, i))
-                             for i, name in enumerate(names)]
+    for names in groups:
+        siblings = [name.rpartition(".")[2] for name in names]
+        replacements += [(name, FusedLowRankLinear.from_low_rank(model.get_submodule(name), siblings, i))
+                         for i, name in enumerate(names)]
     swap_modules(model, replacements)
     link_shared_inputs(model)
-    return [names for names in groups.values() if len(names) > 1]
+    return groups
